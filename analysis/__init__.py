@@ -1,0 +1,29 @@
+"""The science layer: spectra, ranks, span dimensions, ablations, the paper's
+networks and their training, data sets, memorization probes and sweeps.
+
+Names are imported on first use, so that ``import analysis`` stays cheap and
+the command-line tool starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Public name -> submodule that defines it. Each submodule owns its entries.
+_EXPORTS: dict[str, str] = {
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"analysis.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
