@@ -74,7 +74,7 @@ def assert_close(
         return
 
     n_bad = int((excess > 0).sum())
-    flat = np.argsort(excess, axis=None)[::-1][:n_worst]
+    flat = np.argsort(excess, axis=None)[::-1][: min(n_worst, n_bad)]
     lines = [
         f"{prefix}{n_bad} of {a64.size} entries differ beyond "
         f"atol={atol:g} + rtol={rtol:g}*|expected|; "
@@ -83,7 +83,7 @@ def assert_close(
     for i in flat:
         idx = np.unravel_index(i, a64.shape)
         lines.append(
-            f"  at {tuple(int(j) for j in idx)}: actual {a64[idx]!r}, "
-            f"expected {e64[idx]!r}, diff {a64[idx] - e64[idx]:.3e}"
+            f"  at {tuple(int(j) for j in idx)}: actual {float(a64[idx])!r}, "
+            f"expected {float(e64[idx])!r}, diff {a64[idx] - e64[idx]:.3e}"
         )
     raise AssertionError("\n".join(lines))
