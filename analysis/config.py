@@ -161,6 +161,7 @@ OPTIONS: dict[str, dict[str, Option]] = {
         ),
         "b": _o("int", None, "filters b on downsampled maps (D_ab, ...)", minimum=1),
         "width": _o("int", None, "base width of the U-Net", minimum=1),
+        "in_channels": _o("int", None, "image channels C", minimum=1),
         "input_size": _o("int", None, "image side s of the 3 x s x s input", minimum=1),
         "negative_slope": _o("float", None, "LeakyReLU slope (NLD, NLND)", minimum=0),
         "linear": _o("bool", None, "linear U-Net (no activations)"),
@@ -174,7 +175,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
         ),
         "dim": _o("int", 1, "span dimension for span_2x2", minimum=1, maximum=4),
         "n": _o(
-            "int", 1, "number of images (sample_images, digits, cifar10)", minimum=1
+            "int",
+            None,
+            "number of images (unset: 1 for sample_images, dim for span_2x2, "
+            "all for digits, cifar10 and folder)",
+            minimum=1,
         ),
         "size": _o("int", 32, "image side for sample_images and folder", minimum=1),
         "seed": _o("int", 0, "seed of the image selection", minimum=0),
