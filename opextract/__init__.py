@@ -7,15 +7,28 @@ module itself, and the ``*_matrix`` builders make one layer's matrix from a
 weight tensor and shapes.
 """
 
+from opextract import _handlers  # noqa: F401  (registers the layer handlers)
+from opextract._api import Factor, as_linear_operator, factors, to_sparse
+from opextract._conv import conv2d_matrix, conv_matrix
 from opextract._errors import (
     NonConvergenceWarning,
     OperatorTooLargeError,
     OpextractWarning,
     UnsupportedLayerError,
 )
+from opextract._layout import padding_embedding
+from opextract._upsample import upsample_nearest_matrix
 from opextract._version import __version__
 
 __all__ = [
+    "Factor",
+    "as_linear_operator",
+    "conv2d_matrix",
+    "conv_matrix",
+    "factors",
+    "padding_embedding",
+    "to_sparse",
+    "upsample_nearest_matrix",
     "NonConvergenceWarning",
     "OperatorTooLargeError",
     "OpextractWarning",

@@ -1,0 +1,439 @@
+"""Convolution matrices: ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
+
+A convolution is separable in its index arithmetic: which input position an
+output position reads through kernel offset ``k`` depends on one axis only.
+The wrapper therefore computes, per spatial axis, a small table of the taps of
+every output position (after padding and the padding mode), counts the
+nonzeros of the matrix from these tables exactly, allocates the CSR arrays
+once and lets a Numba kernel fill them in parallel over output rows.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from opextract import _kernels
+from opextract._registry import BuildContext, LayerMatrix, register
+from opextract._validate import check_bytes, check_dtype, csr_bytes
+
+PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
+
+# Row templates are used while they hold at most a quarter of the matrix's
+# entries (or this many, for small matrices); the tests lower it to reach the
+# direct kernel.
+_TEMPLATE_MIN = 1 << 16
+
+
+def _tuple(value, nd: int, name: str) -> tuple[int, ...]:
+    try:
+        if isinstance(value, (tuple, list)):
+            values = tuple(operator.index(v) for v in value)
+        else:
+            values = (operator.index(value),) * nd
+    except TypeError:
+        values = None
+    if values is None or len(values) != nd:
+        raise ValueError(
+            f"{name} must be an int or a tuple of {nd} ints; got {value!r}"
+        )
+    return values
+
+
+def _as_array(weight) -> np.ndarray:
+    if isinstance(weight, torch.Tensor):
+        return weight.detach().cpu().numpy()
+    return np.asarray(weight)
+
+
+def _axis_taps(n_in, k, stride, pad_left, dilation, n_out, mode):
+    """Per output position of one axis: distinct input positions and taps.
+
+    Returns ``(ng, col, gs, tap)``: ``ng[o]`` distinct input positions
+    ``col[o, :ng[o]]`` (increasing), the kernel offsets landing on
+    ``col[o, j]`` being ``tap[o, gs[o, j]:gs[o, j + 1]]``.
+    """
+    o = np.arange(n_out)[:, None]
+    pos = o * stride - pad_left + np.arange(k)[None, :] * dilation
+    valid = np.ones(pos.shape, dtype=bool)
+    if mode == "zeros":
+        valid = (pos >= 0) & (pos < n_in)
+    elif mode == "circular":
+        pos = np.mod(pos, n_in)
+    elif mode == "reflect":
+        # Torch reflects without repeating the edge; padding < size is
+        # checked by the caller, so one reflection suffices.
+        pos = np.where(pos < 0, -pos, pos)
+        pos = np.where(pos >= n_in, 2 * (n_in - 1) - pos, pos)
+    else:
+        pos = np.clip(pos, 0, n_in - 1)
+
+    ng = np.zeros(n_out, dtype=np.int64)
+    col = np.zeros((n_out, k), dtype=np.int64)
+    gs = np.zeros((n_out, k + 1), dtype=np.int64)
+    tap = np.zeros((n_out, k), dtype=np.int64)
+    for i in range(n_out):
+        taps = np.flatnonzero(valid[i])
+        order = np.argsort(pos[i, taps], kind="stable")
+        taps = taps[order]
+        cols = pos[i, taps]
+        distinct, starts = np.unique(cols, return_index=True)
+        ng[i] = len(distinct)
+        col[i, : len(distinct)] = distinct
+        gs[i, : len(distinct)] = starts
+        gs[i, len(distinct) :] = len(cols)
+        tap[i, : len(cols)] = taps
+    return ng, col, gs, tap
+
+
+def _axis_patterns(ng, col, gs, tap):
+    """Group the output positions of one axis by their tap pattern.
+
+    Returns ``(pid, base, (ngp, relp, gsp, tapp))``: the pattern id and the
+    first input position of every output position, and per pattern the
+    tables of :func:`_axis_taps` with input positions relative to the first.
+    """
+    n_out, k = tap.shape
+    keys: dict[tuple, int] = {}
+    pid = np.empty(n_out, dtype=np.int64)
+    base = np.zeros(n_out, dtype=np.int64)
+    for o in range(n_out):
+        n = int(ng[o])
+        if n:
+            base[o] = col[o, 0]
+        key = (
+            n,
+            tuple(col[o, :n] - base[o]),
+            tuple(gs[o, : n + 1]),
+            tuple(tap[o, : gs[o, n]]),
+        )
+        pid[o] = keys.setdefault(key, len(keys))
+    n_pat = len(keys)
+    ngp = np.zeros(n_pat, dtype=np.int64)
+    relp = np.zeros((n_pat, k), dtype=np.int64)
+    gsp = np.zeros((n_pat, k + 1), dtype=np.int64)
+    tapp = np.zeros((n_pat, k), dtype=np.int64)
+    for (n, rel, starts, taps), p in keys.items():
+        ngp[p] = n
+        relp[p, :n] = rel
+        gsp[p, : n + 1] = starts
+        tapp[p, : len(taps)] = taps
+    return pid, base, (ngp, relp, gsp, tapp)
+
+
+def _fill_from_templates(
+    w5,
+    cin_g,
+    cout_g,
+    in_dhw,
+    out_dhw,
+    patterns,
+    row_len,
+    n_combos,
+    indptr,
+    indices,
+    data,
+):
+    tcols = np.zeros((n_combos, max(row_len, 1)), dtype=indices.dtype)
+    tvals = np.zeros((w5.shape[0], n_combos, max(row_len, 1)), dtype=data.dtype)
+    args = []
+    for _pid, _base, tables in patterns:
+        args += list(tables)
+    _kernels.conv_templates(w5, cin_g, in_dhw, *args, tcols, tvals)
+    (pid_d, base_d, _), (pid_h, base_h, ph), (pid_w, base_w, pw) = patterns
+    _kernels.conv_fill_templates(
+        cin_g,
+        cout_g,
+        in_dhw,
+        out_dhw,
+        pid_d,
+        base_d,
+        pid_h,
+        base_h,
+        pid_w,
+        base_w,
+        len(ph[0]),
+        len(pw[0]),
+        tcols,
+        tvals,
+        indptr,
+        indices,
+        data,
+    )
+
+
+def _resolve_padding(padding, kernel, dilation, stride, nd):
+    """Left and right padding per axis from an int, a tuple or a string."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * nd, (0,) * nd
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(
+                    f"padding='same' needs stride 1 on every axis; got stride={stride}"
+                )
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            left = tuple(t // 2 for t in total)
+            return left, tuple(t - lo for t, lo in zip(total, left))
+        raise ValueError(
+            f"padding must be an int, a tuple of ints, 'same' or 'valid'; "
+            f"got {padding!r}"
+        )
+    pads = _tuple(padding, nd, "padding")
+    if any(p < 0 for p in pads):
+        raise ValueError(f"padding must be non-negative; got {padding!r}")
+    return pads, pads
+
+
+def conv_matrix(
+    weight,
+    in_shape: tuple[int, ...],
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    dtype=np.float64,
+    max_bytes: int | None = None,
+    _where: str = "conv_matrix",
+) -> tuple[sp.csr_array, tuple[int, ...]]:
+    """Matrix of a 1-, 2- or 3-D convolution (cross-correlation, as in torch).
+
+    Parameters
+    ----------
+    weight : ndarray or torch.Tensor of shape (C_out, C_in / groups, *kernel_size)
+        Convolution weight; the number of kernel axes (1, 2 or 3) selects the
+        dimension.
+    in_shape : tuple of int
+        Shape of one input sample, ``(C_in, *spatial)``.
+    stride, dilation : int or tuple of int
+        As in ``torch.nn.Conv2d``.
+    padding : int, tuple of int, 'same' or 'valid'
+        As in ``torch.nn.Conv2d``; 'same' puts the odd extra zero on the right.
+    groups : int
+        Number of channel groups.
+    padding_mode : {'zeros', 'circular', 'reflect', 'replicate'}
+        How the padding is filled, as in ``torch.nn.Conv2d``.
+    dtype : {numpy.float64, numpy.float32}
+        Value dtype of the matrix.
+    max_bytes : int, optional
+        Refuse (``OperatorTooLargeError``) a matrix estimated larger than this;
+        default: the budget in force (``opextract`` default 4 GiB).
+
+    Returns
+    -------
+    matrix : scipy.sparse.csr_array of shape (prod(out_shape), prod(in_shape))
+        ``matrix @ x.ravel()`` equals ``conv(x[None]).ravel()``; column indices
+        are sorted within each row; int32 indices when they fit.
+    out_shape : tuple of int
+        ``(C_out, *spatial_out)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    >>> A, out_shape = conv_matrix(w, (1, 4, 4), stride=2, padding=1)
+    >>> A.shape, out_shape
+    ((4, 16), (1, 2, 2))
+    >>> A.toarray()[0, :6]
+    array([5., 6., 0., 0., 8., 9.])
+    """
+    dtype = check_dtype(dtype)
+    w = _as_array(weight)
+    if w.ndim not in (3, 4, 5):
+        raise ValueError(
+            "weight must have shape (C_out, C_in / groups, *kernel_size) with 1, "
+            f"2 or 3 kernel axes; got shape {w.shape}"
+        )
+    nd = w.ndim - 2
+    kernel = tuple(int(k) for k in w.shape[2:])
+    stride = _tuple(stride, nd, "stride")
+    dilation = _tuple(dilation, nd, "dilation")
+    if any(s <= 0 for s in stride):
+        raise ValueError(f"stride must be positive; got {stride}")
+    if any(d <= 0 for d in dilation):
+        raise ValueError(f"dilation must be positive; got {dilation}")
+    groups = operator.index(groups)
+    cout, cin_g = int(w.shape[0]), int(w.shape[1])
+    if groups <= 0 or cout % groups:
+        raise ValueError(
+            f"groups must be a positive divisor of C_out={cout}; got {groups}"
+        )
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(
+            "padding_mode must be one of 'zeros', 'circular', 'reflect', "
+            f"'replicate'; got {padding_mode!r}"
+        )
+    pad_left, pad_right = _resolve_padding(padding, kernel, dilation, stride, nd)
+
+    names = {1: "(C, L)", 2: "(C, H, W)", 3: "(C, D, H, W)"}[nd]
+    try:
+        shape = tuple(operator.index(s) for s in in_shape)
+    except TypeError:
+        shape = ()
+    if len(shape) != nd + 1 or any(s <= 0 for s in shape):
+        raise ValueError(
+            f"input_shape must be {names} with positive sizes for {_where}; "
+            f"got {tuple(in_shape) if np.iterable(in_shape) else in_shape!r}"
+        )
+    if shape[0] != cin_g * groups:
+        raise ValueError(
+            f"input_shape {shape} has {shape[0]} channels but {_where} needs "
+            f"in_channels={cin_g * groups}"
+        )
+    spatial = shape[1:]
+    out_spatial = []
+    for n, k, s, d, lo, hi in zip(
+        spatial, kernel, stride, dilation, pad_left, pad_right
+    ):
+        extent = d * (k - 1) + 1
+        if n + lo + hi < extent:
+            raise ValueError(
+                f"input_shape {shape} is too small for {_where}: spatial size {n} "
+                f"plus padding ({lo}, {hi}) is below the dilated kernel extent "
+                f"{extent}"
+            )
+        if padding_mode == "reflect" and max(lo, hi) >= n:
+            raise ValueError(
+                f"input_shape {shape} is too small for reflect padding "
+                f"{max(lo, hi)} in {_where}: padding must be below the size {n}"
+            )
+        if padding_mode == "circular" and max(lo, hi) > n:
+            raise ValueError(
+                f"input_shape {shape} is too small for circular padding "
+                f"{max(lo, hi)} in {_where}: padding must not exceed the size {n}"
+            )
+        out_spatial.append((n + lo + hi - extent) // s + 1)
+    out_shape = (cout, *out_spatial)
+
+    # Pad the dimension to 3 with unit axes so that one kernel serves all.
+    pad_axes = 3 - nd
+    w5 = np.ascontiguousarray(
+        w.reshape((cout, cin_g) + (1,) * pad_axes + kernel), dtype=dtype
+    )
+    dims = [(1, 1, 1, 0, 1, 1)] * pad_axes + list(
+        zip(spatial, kernel, stride, pad_left, dilation, out_spatial)
+    )
+    mode = padding_mode
+    tables = [_axis_taps(*dim, mode) for dim in dims]
+
+    in_dhw = np.array([dim[0] for dim in dims], dtype=np.int64)
+    out_dhw = np.array([dim[5] for dim in dims], dtype=np.int64)
+    n_rows = int(np.prod(out_shape))
+    n_cols = int(np.prod(shape))
+    nnz = cout * cin_g * int(np.prod([t[0].sum() for t in tables]))
+    size, idx = csr_bytes(nnz, n_rows, n_cols, dtype)
+    check_bytes(size, f"the matrix of {_where} ({n_rows} x {n_cols})", max_bytes)
+
+    indptr = np.empty(n_rows + 1, dtype=idx)
+    indices = np.empty(nnz, dtype=idx)
+    data = np.empty(nnz, dtype=dtype)
+    ng = [t[0] for t in tables]
+    _kernels.conv_indptr(indptr, cout, *out_dhw, cin_g, *ng)
+    cout_g = cout // groups
+    patterns = [_axis_patterns(*t) for t in tables]
+    n_combos = int(np.prod([len(p[2]) for p in patterns]))
+    row_len = cin_g * int(np.prod([t[0].max(initial=0) for t in tables]))
+    if n_combos * row_len * cout <= max(nnz // 4, _TEMPLATE_MIN):
+        _fill_from_templates(
+            w5,
+            cin_g,
+            cout_g,
+            in_dhw,
+            out_dhw,
+            patterns,
+            row_len,
+            n_combos,
+            indptr,
+            indices,
+            data,
+        )
+    else:
+        # Too many distinct tap patterns (small inputs with circular padding,
+        # for instance): templates would cost as much as the matrix itself.
+        args = []
+        for ngx, colx, gsx, tapx in tables:
+            args += [ngx, colx, gsx, tapx]
+        _kernels.conv_fill_general(
+            w5, cin_g, cout_g, in_dhw, out_dhw, *args, indptr, indices, data
+        )
+    matrix = sp.csr_array((data, indices, indptr), shape=(n_rows, n_cols))
+    matrix.has_sorted_indices = True
+    return matrix, out_shape
+
+
+def conv2d_matrix(
+    weight,
+    in_shape: tuple[int, int, int],
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    dtype=np.float64,
+    max_bytes: int | None = None,
+) -> tuple[sp.csr_array, tuple[int, int, int]]:
+    """Matrix of a 2-D convolution; :func:`conv_matrix` restricted to 2-D.
+
+    Parameters
+    ----------
+    weight : ndarray or torch.Tensor of shape (C_out, C_in / groups, kH, kW)
+    in_shape : tuple of int
+        ``(C_in, H, W)``.
+    stride, padding, dilation, groups, padding_mode, dtype, max_bytes
+        As in :func:`conv_matrix`.
+
+    Returns
+    -------
+    matrix : scipy.sparse.csr_array of shape (C_out * H_out * W_out, C_in * H * W)
+    out_shape : tuple of int
+        ``(C_out, H_out, W_out)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> A, out_shape = conv2d_matrix(np.ones((2, 1, 3, 3)), (1, 5, 5), padding=1)
+    >>> A.shape, out_shape, A.nnz
+    ((50, 25), (2, 5, 5), 338)
+    """
+    shape = np.shape(weight)
+    if len(shape) != 4:
+        raise ValueError(
+            "weight must have shape (C_out, C_in / groups, kH, kW); "
+            f"got shape {tuple(shape)}"
+        )
+    return conv_matrix(
+        weight,
+        in_shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+        dtype=dtype,
+        max_bytes=max_bytes,
+        _where="conv2d_matrix",
+    )
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv_handler(module: nn.Module, in_shape, ctx: BuildContext) -> LayerMatrix:
+    where = f"{type(module).__name__} at {ctx.path!r}"
+    matrix, out_shape = conv_matrix(
+        module.weight,
+        in_shape,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        groups=module.groups,
+        padding_mode=module.padding_mode,
+        dtype=ctx.dtype,
+        _where=where,
+    )
+    return LayerMatrix(matrix, out_shape, has_offset=module.bias is not None)
