@@ -3,4 +3,13 @@
 One import line per handler module; importing ``opextract`` runs this file.
 """
 
-from opextract import _conv, _upsample  # noqa: F401
+from opextract import (  # noqa: F401
+    _activations,
+    _conv,
+    _convtranspose,
+    _dense,
+    _interpolate,
+    _pool,
+    _reshape,
+    _upsample,
+)
