@@ -11,6 +11,11 @@ import importlib
 
 # Public name -> submodule that defines it. Each submodule owns its entries.
 _EXPORTS: dict[str, str] = {
+    # training (module analysis.training, so analysis.train is the function)
+    "train": "training",
+    "TrainHistory": "training",
+    "memorization_probe": "probes",
+    "ProbeResult": "probes",
 }
 
 __all__ = sorted(_EXPORTS)
