@@ -164,7 +164,6 @@ def conv_transpose_matrix(
         dilation=dilation,
         groups=groups,
         dtype=dtype,
-        _where=_where,
     )
     if tuple(conv_out[1:]) != spatial:
         # output_padding >= stride: keep the convolution's first rows per axis.

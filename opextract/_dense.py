@@ -51,8 +51,8 @@ def _linear(module: nn.Linear, in_shape, ctx: BuildContext) -> LayerMatrix:
         np.arange(n_in, dtype=idx)[None, None, :]
         + (np.arange(lead, dtype=idx) * n_in)[:, None, None]
     )
-    indices = np.broadcast_to(cols, (lead, n_out, n_in)).ravel()
-    data = np.broadcast_to(weight, (lead, n_out, n_in)).ravel()
+    indices = np.broadcast_to(cols, (lead, n_out, n_in)).reshape(-1).copy()
+    data = np.tile(weight.reshape(-1), lead)
     matrix = sp.csr_array((data, indices, indptr), shape=(lead * n_out, lead * n_in))
     return LayerMatrix(
         matrix=matrix,
