@@ -152,14 +152,14 @@ def _affine_error(layer: _chain.ChainLayer) -> ValueError:
     )
 
 
-def _build(model, input_shape, *, dtype, at, bias):
+def _build(model, input_shape, *, dtype, at, bias, fuse=False):
     """Return ``("chain", layers)`` or ``("graph", FactorGraph)``."""
     layers = _chain.chain_layers(model)
     if layers is None:
         return "graph", _graph_factors(
             model, input_shape, dtype=dtype, at=at, bias=bias
         )
-    built = _chain.build_chain(layers, input_shape, dtype=dtype, at=at)
+    built = _chain.build_chain(layers, input_shape, dtype=dtype, at=at, fuse=fuse)
     if at is None and bias == "error":
         for layer in built:
             if layer.built.has_offset:
@@ -339,12 +339,14 @@ def to_sparse(
     at_t = _check_at(at, input_shape)
 
     with budget(max_bytes):
-        kind, built = _build(model, input_shape, dtype=dtype, at=at_t, bias=bias)
+        kind, built = _build(
+            model, input_shape, dtype=dtype, at=at_t, bias=bias, fuse=True
+        )
         if kind == "graph":
             matrix = built.to_sparse("compact", max_bytes)
             out_shape = _graph_out_shape(built, model, input_shape)
         else:
-            matrix = _compose.compose([layer.built.matrix for layer in built])
+            matrix = _compose.compose_chain(built)
             out_shape = tuple(built[-1].built.out_shape)
     result = to_layout(matrix, out_shape, input_shape, layout)
     if bias != "offset":

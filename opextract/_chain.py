@@ -20,12 +20,19 @@ from opextract._registry import BuildContext, LayerMatrix, lookup, supported_typ
 
 @dataclass
 class ChainLayer:
-    """One layer of a chain: its module path, module and built matrix."""
+    """One layer of a chain: its module path, module and built matrix.
+
+    ``paths`` describes a translation-structured layer (a convolution, a
+    nearest upsampling, or the two fused) per spatial axis as ``(k, o, tap,
+    pos)``: output position ``o`` reads input position ``pos`` through kernel
+    offset ``tap`` of ``k``. It is None for other layers.
+    """
 
     path: str
     module: nn.Module
     in_shape: tuple[int, ...]
     built: LayerMatrix
+    paths: list | None = None
 
 
 def display_path(path: str) -> str:
@@ -76,23 +83,41 @@ def _double_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
 
 
+def _is_conv(module: nn.Module) -> bool:
+    return type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _upsample_paths(sources) -> list:
+    return [
+        (1, np.arange(len(src)), np.zeros(len(src), dtype=np.int64), src)
+        for src in sources
+    ]
+
+
 def build_chain(
     layers: list[tuple[str, nn.Module]],
     input_shape: tuple[int, ...],
     *,
     dtype: np.dtype,
     at: torch.Tensor | None,
+    fuse: bool = False,
 ) -> list[ChainLayer]:
     """Build the matrices of ``layers``, forwarding ``at`` through them.
 
     ``at`` (float64, shape ``(1, *input_shape)``, on the CPU) is each layer's
     input at the linearization point; it is forwarded through a float64 copy
     of every layer so that piecewise-linear handlers see their own input.
+    With ``fuse``, a nearest upsampling followed by a convolution becomes one
+    matrix (path ``"up+conv"``), which skips the convolution's wide matrix.
     """
+    from opextract import _conv, _upsample
+
     built: list[ChainLayer] = []
     shape = tuple(input_shape)
     x = at
-    for path, module in layers:
+    i = 0
+    while i < len(layers):
+        path, module = layers[i]
         handler = lookup(module)
         if handler is None:
             raise unsupported(path, module)
@@ -105,17 +130,47 @@ def build_chain(
                 f"returned a matrix of shape {result.matrix.shape} for input "
                 f"{shape} and output {result.out_shape}"
             )
-        built.append(ChainLayer(path, module, shape, result))
+        sources = _upsample.nearest_sources(module, shape, result.out_shape)
+        modules = [module]
+        paths = None
+        if sources is not None:
+            paths = _upsample_paths(sources)
+        elif _is_conv(module):
+            paths = _conv.module_plan(module, shape, ctx).axis_paths()
+        if (
+            fuse
+            and sources is not None
+            and i + 1 < len(layers)
+            and _is_conv(layers[i + 1][1])
+        ):
+            conv_path, conv = layers[i + 1]
+            conv_ctx = BuildContext(dtype=dtype, path=conv_path, at=None)
+            plan = _conv.module_plan(
+                conv,
+                tuple(result.out_shape),
+                conv_ctx,
+                sources=sources,
+                coarse=shape[1:],
+            )
+            matrix, out_shape = _conv._build(plan)
+            result = LayerMatrix(matrix, out_shape, conv.bias is not None)
+            paths = plan.axis_paths()
+            path = f"{path}+{conv_path}"
+            modules.append(conv)
+            i += 1
+        built.append(ChainLayer(path, modules[-1], shape, result, paths))
         if x is not None:
             with torch.no_grad():
-                x = _double_copy(module)(x)
+                for m in modules:
+                    x = _double_copy(m)(x)
             if tuple(x.shape[1:]) != tuple(result.out_shape):
                 raise RuntimeError(
-                    f"{type(module).__name__} at {display_path(path)} produced "
-                    f"shape {tuple(x.shape[1:])} but its handler says "
+                    f"{type(modules[-1]).__name__} at {display_path(path)} "
+                    f"produced shape {tuple(x.shape[1:])} but its handler says "
                     f"{result.out_shape}"
                 )
         shape = tuple(result.out_shape)
+        i += 1
     return built
 
 

@@ -11,6 +11,7 @@ once and lets a Numba kernel fill them in parallel over output rows.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,12 +51,14 @@ def _as_array(weight) -> np.ndarray:
     return np.asarray(weight)
 
 
-def _axis_taps(n_in, k, stride, pad_left, dilation, n_out, mode):
+def _axis_taps(n_in, k, stride, pad_left, dilation, n_out, mode, source=None):
     """Per output position of one axis: distinct input positions and taps.
 
     Returns ``(ng, col, gs, tap)``: ``ng[o]`` distinct input positions
     ``col[o, :ng[o]]`` (increasing), the kernel offsets landing on
-    ``col[o, j]`` being ``tap[o, gs[o, j]:gs[o, j + 1]]``.
+    ``col[o, j]`` being ``tap[o, gs[o, j]:gs[o, j + 1]]``. ``source`` maps
+    the axis's positions to those of a coarser input that was upsampled by
+    nearest neighbours before the convolution (the two are then one matrix).
     """
     o = np.arange(n_out)[:, None]
     pos = o * stride - pad_left + np.arange(k)[None, :] * dilation
@@ -71,6 +74,8 @@ def _axis_taps(n_in, k, stride, pad_left, dilation, n_out, mode):
         pos = np.where(pos >= n_in, 2 * (n_in - 1) - pos, pos)
     else:
         pos = np.clip(pos, 0, n_in - 1)
+    if source is not None:
+        pos = np.where(valid, source[np.clip(pos, 0, n_in - 1)], 0)
 
     ng = np.zeros(n_out, dtype=np.int64)
     col = np.zeros((n_out, k), dtype=np.int64)
@@ -200,7 +205,6 @@ def conv_matrix(
     padding_mode: str = "zeros",
     dtype=np.float64,
     max_bytes: int | None = None,
-    _where: str = "conv_matrix",
 ) -> tuple[sp.csr_array, tuple[int, ...]]:
     """Matrix of a 1-, 2- or 3-D convolution (cross-correlation, as in torch).
 
@@ -242,6 +246,77 @@ def conv_matrix(
     ((4, 16), (1, 2, 2))
     >>> A.toarray()[0, :6]
     array([5., 6., 0., 0., 8., 9.])
+    """
+    plan = _plan(
+        weight,
+        in_shape,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        dtype,
+        "conv_matrix",
+    )
+    return _build(plan, max_bytes)
+
+
+@dataclass
+class _Plan:
+    """Everything the kernels need, after validation."""
+
+    w5: np.ndarray
+    tables: list
+    in_dhw: np.ndarray
+    out_dhw: np.ndarray
+    out_shape: tuple[int, ...]
+    cin_g: int
+    groups: int
+    n_rows: int
+    n_cols: int
+    nd: int
+    where: str
+
+    def axis_paths(self):
+        """Per spatial axis ``(k, o, tap, pos)``: every valid tap as a pair."""
+        out = []
+        for ng, col, gs, tap in self.tables[3 - self.nd :]:
+            o_list, t_list, p_list = [], [], []
+            for o in range(len(ng)):
+                for j in range(ng[o]):
+                    for t in range(gs[o, j], gs[o, j + 1]):
+                        o_list.append(o)
+                        t_list.append(tap[o, t])
+                        p_list.append(col[o, j])
+            out.append(
+                (
+                    tap.shape[1],
+                    np.array(o_list, dtype=np.int64),
+                    np.array(t_list, dtype=np.int64),
+                    np.array(p_list, dtype=np.int64),
+                )
+            )
+        return out
+
+
+def _plan(
+    weight,
+    in_shape,
+    stride,
+    padding,
+    dilation,
+    groups,
+    padding_mode,
+    dtype,
+    _where,
+    sources=None,
+    coarse=None,
+) -> _Plan:
+    """Validate a convolution's arguments and compute its per-axis tables.
+
+    ``sources``/``coarse``: per-axis maps from ``in_shape``'s positions to a
+    coarse input of spatial shape ``coarse`` that nearest upsampling turned
+    into ``in_shape`` (the matrix then maps the coarse input).
     """
     dtype = check_dtype(dtype)
     w = _as_array(weight)
@@ -319,16 +394,34 @@ def conv_matrix(
     dims = [(1, 1, 1, 0, 1, 1)] * pad_axes + list(
         zip(spatial, kernel, stride, pad_left, dilation, out_spatial)
     )
-    mode = padding_mode
-    tables = [_axis_taps(*dim, mode) for dim in dims]
-
-    in_dhw = np.array([dim[0] for dim in dims], dtype=np.int64)
+    srcs = [None] * 3 if sources is None else [None] * pad_axes + list(sources)
+    tables = [_axis_taps(*dim, padding_mode, src) for dim, src in zip(dims, srcs)]
+    in_spatial = spatial if coarse is None else tuple(coarse)
+    in_dhw = np.array((1,) * pad_axes + tuple(in_spatial), dtype=np.int64)
     out_dhw = np.array([dim[5] for dim in dims], dtype=np.int64)
-    n_rows = int(np.prod(out_shape))
-    n_cols = int(np.prod(shape))
+    return _Plan(
+        w5,
+        tables,
+        in_dhw,
+        out_dhw,
+        out_shape,
+        cin_g,
+        groups,
+        int(np.prod(out_shape)),
+        shape[0] * int(np.prod(in_spatial)),
+        nd,
+        _where,
+    )
+
+
+def _build(plan: _Plan, max_bytes=None) -> tuple[sp.csr_array, tuple[int, ...]]:
+    """Count, allocate exactly and fill the CSR arrays of a planned convolution."""
+    w5, tables, in_dhw, out_dhw = plan.w5, plan.tables, plan.in_dhw, plan.out_dhw
+    cout, cin_g, groups = w5.shape[0], plan.cin_g, plan.groups
+    n_rows, n_cols, dtype = plan.n_rows, plan.n_cols, w5.dtype
     nnz = cout * cin_g * int(np.prod([t[0].sum() for t in tables]))
     size, idx = csr_bytes(nnz, n_rows, n_cols, dtype)
-    check_bytes(size, f"the matrix of {_where} ({n_rows} x {n_cols})", max_bytes)
+    check_bytes(size, f"the matrix of {plan.where} ({n_rows} x {n_cols})", max_bytes)
 
     indptr = np.empty(n_rows + 1, dtype=idx)
     indices = np.empty(nnz, dtype=idx)
@@ -337,7 +430,7 @@ def conv_matrix(
     _kernels.conv_indptr(indptr, cout, *out_dhw, cin_g, *ng)
     cout_g = cout // groups
     patterns = [_axis_patterns(*t) for t in tables]
-    n_combos = int(np.prod([len(p[2]) for p in patterns]))
+    n_combos = int(np.prod([len(p[2][0]) for p in patterns]))
     row_len = cin_g * int(np.prod([t[0].max(initial=0) for t in tables]))
     if n_combos * row_len * cout <= max(nnz // 4, _TEMPLATE_MIN):
         _fill_from_templates(
@@ -364,7 +457,7 @@ def conv_matrix(
         )
     matrix = sp.csr_array((data, indices, indptr), shape=(n_rows, n_cols))
     matrix.has_sorted_indices = True
-    return matrix, out_shape
+    return matrix, plan.out_shape
 
 
 def conv2d_matrix(
@@ -408,32 +501,41 @@ def conv2d_matrix(
             "weight must have shape (C_out, C_in / groups, kH, kW); "
             f"got shape {tuple(shape)}"
         )
-    return conv_matrix(
+    plan = _plan(
         weight,
         in_shape,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
-        dtype=dtype,
-        max_bytes=max_bytes,
-        _where="conv2d_matrix",
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        dtype,
+        "conv2d_matrix",
+    )
+    return _build(plan, max_bytes)
+
+
+def module_plan(
+    module: nn.Module, in_shape, ctx: BuildContext, *, sources=None, coarse=None
+) -> _Plan:
+    """Plan of a torch convolution module (optionally after an upsampling)."""
+    where = f"{type(module).__name__} at {ctx.path!r}"
+    return _plan(
+        module.weight,
+        in_shape,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        module.padding_mode,
+        ctx.dtype,
+        where,
+        sources,
+        coarse,
     )
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv_handler(module: nn.Module, in_shape, ctx: BuildContext) -> LayerMatrix:
-    where = f"{type(module).__name__} at {ctx.path!r}"
-    matrix, out_shape = conv_matrix(
-        module.weight,
-        in_shape,
-        stride=module.stride,
-        padding=module.padding,
-        dilation=module.dilation,
-        groups=module.groups,
-        padding_mode=module.padding_mode,
-        dtype=ctx.dtype,
-        _where=where,
-    )
+    matrix, out_shape = _build(module_plan(module, in_shape, ctx))
     return LayerMatrix(matrix, out_shape, has_offset=module.bias is not None)

@@ -339,3 +339,19 @@ def dense_to_csr_fill(x, indptr, indices, data):
                 indices[pos] = j
                 data[pos] = v
                 pos += 1
+
+
+@njit(cache=True, parallel=True)
+def stamp_rows(
+    rep_indptr, rep_indices, rep_data, row_rep, row_shift, indptr, indices, data
+):
+    """Row ``i`` of the output is row ``row_rep[i]`` of the templates, its
+    columns shifted by ``row_shift[i]``; ``indptr`` is already filled."""
+    for i in prange(row_rep.shape[0]):
+        r = row_rep[i]
+        shift = row_shift[i]
+        start = rep_indptr[r]
+        pos = indptr[i]
+        for q in range(rep_indptr[r + 1] - start):
+            indices[pos + q] = rep_indices[start + q] + shift
+            data[pos + q] = rep_data[start + q]

@@ -171,3 +171,19 @@ def _upsample_handler(module: nn.Upsample, in_shape, ctx: BuildContext) -> Layer
             dtype=ctx.dtype,
         )
     return LayerMatrix(matrix, out_shape)
+
+
+def nearest_sources(module: nn.Module, in_shape, out_shape) -> list[np.ndarray] | None:
+    """Per spatial axis, the input position each output position copies.
+
+    None when ``module`` is not a nearest upsampling handled here.
+    """
+    if not isinstance(module, nn.Upsample) or module.mode != "nearest":
+        return None
+    spatial, out_spatial = tuple(in_shape[1:]), tuple(out_shape[1:])
+    nd = len(spatial)
+    if module.size is not None or module.recompute_scale_factor:
+        scales = (None,) * nd
+    else:
+        scales = _per_axis(module.scale_factor, nd, "scale_factor", numbers.Real)
+    return [_source_index(n, o, s) for n, o, s in zip(spatial, out_spatial, scales)]
