@@ -24,9 +24,10 @@ from opextract._validate import check_bytes, check_dtype, csr_bytes
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 
-# Row templates are used while they hold at most a quarter of the matrix's
-# entries (or this many, for small matrices); the tests lower it to reach the
-# direct kernel.
+# Row templates are used while they hold at most this fraction of the matrix's
+# entries (or _TEMPLATE_MIN entries, for small matrices); the tests lower both
+# to reach the direct kernel.
+_TEMPLATE_FRACTION = 0.25
 _TEMPLATE_MIN = 1 << 16
 
 
@@ -432,7 +433,7 @@ def _build(plan: _Plan, max_bytes=None) -> tuple[sp.csr_array, tuple[int, ...]]:
     patterns = [_axis_patterns(*t) for t in tables]
     n_combos = int(np.prod([len(p[2][0]) for p in patterns]))
     row_len = cin_g * int(np.prod([t[0].max(initial=0) for t in tables]))
-    if n_combos * row_len * cout <= max(nnz // 4, _TEMPLATE_MIN):
+    if n_combos * row_len * cout <= max(nnz * _TEMPLATE_FRACTION, _TEMPLATE_MIN):
         _fill_from_templates(
             w5,
             cin_g,
