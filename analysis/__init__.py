@@ -11,6 +11,13 @@ import importlib
 
 # Public name -> submodule that defines it. Each submodule owns its entries.
 _EXPORTS: dict[str, str] = {
+    # configs, sweeps and the demo
+    "ConfigError": "config",
+    "load_config": "config",
+    "save_config": "config",
+    "run_sweep": "sweep",
+    "load_results": "sweep",
+    "run_demo": "demo",
     # training (module analysis.training, so analysis.train is the function)
     "train": "training",
     "TrainHistory": "training",
