@@ -5,7 +5,8 @@ single one per row; it is written directly as CSR arrays with ``indptr =
 arange``. The source index reproduces PyTorch's CPU and CUDA rule, including
 its single-precision arithmetic: ``min(floor(o * scale), n_in - 1)`` with
 ``scale = float32(1 / scale_factor)`` when a scale factor is given, else
-``float32(n_in) / n_out``.
+``float32(n_in) / n_out``, and the 2-D kernel's shortcuts for equal and
+doubled sizes.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ def _per_axis(value, nd: int, name: str, kind):
     return values
 
 
-def _source_index(n_in: int, n_out: int, scale) -> np.ndarray:
+def _source_index(n_in: int, n_out: int, scale, nd: int) -> np.ndarray:
     o = np.arange(n_out)
-    if n_out == n_in:
+    # Torch's 2-D kernel short-cuts equal and doubled sizes whatever the
+    # scale factor; its 1-D and 3-D kernels do not.
+    if nd == 2 and n_out == n_in:
         return o
-    if n_out == 2 * n_in:
+    if nd == 2 and n_out == 2 * n_in:
         return o >> 1
     if scale is not None and scale > 0:
         s = np.float32(1.0 / scale)
@@ -130,7 +133,7 @@ def upsample_nearest_matrix(
     cols = np.arange(shape[0], dtype=np.int64) * int(np.prod(spatial))
     for axis in range(nd):
         stride = int(np.prod(spatial[axis + 1 :]))
-        src = _source_index(spatial[axis], out_shape[axis + 1], scales[axis])
+        src = _source_index(spatial[axis], out_shape[axis + 1], scales[axis], nd)
         cols = (cols[..., None] + (src * stride)[None, :]).reshape(-1)
     indices = cols.astype(idx)
     indptr = np.arange(n_rows + 1, dtype=idx)
@@ -186,4 +189,4 @@ def nearest_sources(module: nn.Module, in_shape, out_shape) -> list[np.ndarray] 
         scales = (None,) * nd
     else:
         scales = _per_axis(module.scale_factor, nd, "scale_factor", numbers.Real)
-    return [_source_index(n, o, s) for n, o, s in zip(spatial, out_spatial, scales)]
+    return [_source_index(n, o, s, nd) for n, o, s in zip(spatial, out_spatial, scales)]
