@@ -267,9 +267,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     import opextract
     from analysis import _pipeline as pipe
-    from analysis import io as aio
 
     model, _ = pipe.load_model(args.model)
+    from analysis import io as aio
+
     model = model.double()
     dtype = np.dtype(args.dtype)
     A = opextract.to_sparse(
@@ -296,12 +297,13 @@ def _operator_from(source: str, layout: str):
     """A model file/folder or an operator HDF5 file -> (operator, input_shape)."""
     import opextract
     from analysis import _pipeline as pipe
-    from analysis import io as aio
 
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"file {source!r} does not exist")
     if path.suffix in (".h5", ".hdf5"):
+        from analysis import io as aio
+
         loaded = aio.load_operator(path)
         if isinstance(loaded, tuple):
             A, attrs = loaded[0], (loaded[1] if len(loaded) > 1 else {})
@@ -318,11 +320,11 @@ def _operator_from(source: str, layout: str):
 def cmd_spectrum(args: argparse.Namespace) -> int:
     import numpy as np
 
-    import analysis
-
     if args.k < 1:
         raise UsageError(f"-k must be >= 1; got {args.k}")
     A, _ = _operator_from(args.source, args.layout)
+    import analysis
+
     k = min(args.k, A.shape[0])
     w, v = analysis.eigs(A, k, which=args.which, method=args.method)
     _print(f"top {len(w)} eigenvalues of a {A.shape[0]} x {A.shape[1]} operator")
@@ -383,9 +385,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    import opextract
-    from analysis import svd_ablation
-
     try:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
@@ -394,6 +393,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         ) from None
     if not ks or min(ks) < 1:
         raise UsageError(f"--ks must list integers >= 1; got {args.ks!r}")
+    import opextract
+    from analysis import svd_ablation
+
     model, images, _ = _model_and_images(args, ["data"])
     A = opextract.to_sparse(model, tuple(model.input_shape))
     result = svd_ablation(A, images, ks)

@@ -1,0 +1,190 @@
+"""The ``opx`` command: help, version, exit statuses and one-line errors."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from analysis.cli import build_parser, main
+
+COMMANDS = [
+    "train",
+    "export",
+    "spectrum",
+    "report",
+    "ablate",
+    "sweep",
+    "render",
+    "demo",
+]
+
+
+def run(argv, capsys):
+    """main(argv) -> (status, stdout, stderr); SystemExit from argparse included."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_help_at_every_level(capsys):
+    status, out, _ = run(["--help"], capsys)
+    assert status == 0
+    for name in COMMANDS:
+        assert name in out
+    for name in COMMANDS:
+        status, out, _ = run([name, "--help"], capsys)
+        assert status == 0, name
+        assert out.startswith(f"usage: opx {name}"), name
+
+
+def test_every_subcommand_is_wired():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+def test_version_from_console_script():
+    import opextract
+
+    done = subprocess.run(
+        [sys.executable, "-m", "analysis.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"opx {opextract.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["fly"], "invalid choice: 'fly'"),
+        (["train", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (
+            ["train", "--train-lr", "fast"],
+            r"'train\.lr' must be a number > 0; got 'fast'",
+        ),
+        (["train", "--model-name", "resnet"], r"'model\.name' must be a string one of"),
+        (
+            ["train", "--train-device", "gpu"],
+            r"'train\.device' must be auto, cpu, cuda",
+        ),
+        (
+            ["ablate", "model.pt", "--ks", "1,x"],
+            "--ks must be comma-separated integers",
+        ),
+        (["demo", "--seeds", "0"], "--seeds must be >= 1; got 0"),
+        (["sweep", "x.toml", "--workers", "0"], None),
+    ],
+    ids=[
+        "no-command",
+        "bad-command",
+        "unknown-flag",
+        "bad-flag-value",
+        "bad-choice",
+        "bad-device",
+        "bad-ks",
+        "bad-seeds",
+        "bad-workers",
+    ],
+)
+def test_bad_usage_exits_2(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if argv[:1] == ["sweep"]:
+        (tmp_path / "x.toml").write_text("[grid]\n'data.dim' = [1]\n")
+        match = "--workers must be >= 1; got 0"
+    status, out, err = run(argv, capsys)
+    assert status == 2
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3  # argparse adds its usage line
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["train", "missing.toml"], "config file 'missing.toml' does not exist"),
+        (["export", "missing.pt"], "model file 'missing.pt' does not exist"),
+        (["spectrum", "missing.h5"], "file 'missing.h5' does not exist"),
+        (["report", "missing.pt"], "model file 'missing.pt' does not exist"),
+        (["render", "nowhere"], "report folder 'nowhere' does not exist"),
+        (["sweep", "missing.toml"], "config file 'missing.toml' does not exist"),
+    ],
+)
+def test_missing_files_exit_1_with_one_line(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(argv, capsys)
+    assert status == 1
+    assert err.strip().splitlines() == [f"opx {argv[0]}: error: {match}"]
+
+
+def test_config_that_does_not_validate(capsys, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[train]\nlr = -0.5\n")
+    status, _, err = run(["train", str(cfg)], capsys)
+    assert status == 1
+    assert err.strip() == (
+        f"opx train: error: config key 'train.lr' must be a number > 0; "
+        f"got -0.5 (in {cfg})"
+    )
+    cfg.write_text("[trian]\nlr = 1\n")
+    status, _, err = run(["train", str(cfg)], capsys)
+    assert status == 1 and "did you mean 'train'" in err
+    cfg.write_text("[train\n")
+    status, _, err = run(["train", str(cfg)], capsys)
+    assert status == 1 and "must be valid TOML" in err and "Traceback" not in err
+
+
+def test_sweep_config_without_grid(capsys, tmp_path):
+    cfg = tmp_path / "nogrid.toml"
+    cfg.write_text("[train]\nmax_iter = 5\n")
+    status, _, err = run(["sweep", str(cfg), "--out", str(tmp_path / "s")], capsys)
+    assert status == 1
+    assert "config key 'grid' must be a table of dotted keys to lists" in err
+
+
+def test_cuda_asked_for_but_absent(capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    status, _, err = run(["train", "--train-device", "cuda", "--out", str(out)], capsys)
+    assert status == 1
+    assert err.strip() == (
+        "opx train: error: train.device is 'cuda' but no CUDA device is available "
+        "(torch.cuda.is_available() is False); use cpu or auto"
+    )
+    status, _, err = run(["demo", "--device", "cuda:0", "--out", str(out)], capsys)
+    assert status == 1 and "no CUDA device is available" in err
+
+
+def test_model_file_of_another_kind(capsys, tmp_path):
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"not a torch file")
+    status, _, err = run(["export", str(bogus)], capsys)
+    assert status == 1
+    assert "must be a model saved by opx train" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unexpected_errors_are_one_line_unless_debug(capsys, monkeypatch):
+    import analysis.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(cli, "cmd_render", boom)
+    status, _, err = run(["render", "x"], capsys)
+    assert status == 1
+    assert err.strip() == (
+        "opx render: error: RuntimeError: something broke "
+        "(run with --debug for the traceback)"
+    )
+    with pytest.raises(RuntimeError, match="something broke"):
+        main(["--debug", "render", "x"])
