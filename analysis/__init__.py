@@ -11,6 +11,9 @@ import importlib
 
 # Public name -> submodule that defines it. Each submodule owns its entries.
 _EXPORTS: dict[str, str] = {
+    # spectra, ranks, ablations, alignment, the memorization report
+    "eigs": "spectra",
+    "svds": "spectra",
     # configs, sweeps and the demo
     "ConfigError": "config",
     "load_config": "config",
