@@ -14,6 +14,12 @@ _EXPORTS: dict[str, str] = {
     # spectra, ranks, ablations, alignment, the memorization report
     "eigs": "spectra",
     "svds": "spectra",
+    "rank_measures": "ranks",
+    "RankMeasures": "ranks",
+    "rank_bound": "ranks",
+    "RankBound": "ranks",
+    "span_dimension": "ranks",
+    "SpanDimension": "ranks",
     # configs, sweeps and the demo
     "ConfigError": "config",
     "load_config": "config",

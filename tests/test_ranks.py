@@ -84,8 +84,9 @@ def test_rank_bound_exact_and_structural():
 
 
 def test_rank_bound_of_opextract_factors_bounds_the_operator():
-    import opextract
     from torch import nn
+
+    import opextract
 
     torch.manual_seed(0)
     net = nn.Sequential(
