@@ -403,6 +403,104 @@ def _is_tensor(v) -> bool:
     return isinstance(v, torch.Tensor)
 
 
+def _named(args, kwargs, names) -> dict:
+    """Positional arguments after the signal, and keywords, by parameter name."""
+    bound = dict(zip(names, args[1:]))
+    bound.update(kwargs)
+    return bound
+
+
+def _pool_module(cls, names):
+    def make(args, kwargs):
+        bound = _named(args, kwargs, names)
+        if bound.pop("return_indices", False):
+            raise ValueError("return_indices=True returns indices, not a signal")
+        return cls(**bound)
+
+    return make
+
+
+def _weighted_module(kind, nd):
+    names = {
+        "conv": ("weight", "bias", "stride", "padding", "dilation", "groups"),
+        "conv_transpose": (
+            "weight", "bias", "stride", "padding", "output_padding", "groups",
+            "dilation",
+        ),
+    }[kind]  # fmt: skip
+
+    def make(args, kwargs):
+        bound = _named(args, kwargs, names)
+        weight, bias = bound.pop("weight"), bound.pop("bias", None)
+        if kind == "conv":
+            c_out, c_in_g, *k = weight.shape
+            groups = bound.get("groups", 1)
+            cls = getattr(nn, f"Conv{nd}d")
+            module = cls(
+                c_in_g * groups, c_out, tuple(k), bias=bias is not None, **bound
+            )
+        else:
+            c_in, c_out_g, *k = weight.shape
+            groups = bound.get("groups", 1)
+            cls = getattr(nn, f"ConvTranspose{nd}d")
+            module = cls(
+                c_in, c_out_g * groups, tuple(k), bias=bias is not None, **bound
+            )
+        module = module.to(weight.dtype)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    return make
+
+
+def _linear_module(args, kwargs):
+    bound = _named(args, kwargs, ("weight", "bias"))
+    weight, bias = bound["weight"], bound.get("bias")
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    module = module.to(weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+_AVG_NAMES = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+              "divisor_override")  # fmt: skip
+_MAX_NAMES = ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+              "return_indices")  # fmt: skip
+# Functional layers, as the module whose handler builds their matrix.
+_FUNCTIONAL_MODULES = {
+    F.avg_pool1d: _pool_module(nn.AvgPool1d, _AVG_NAMES[:5]),
+    F.avg_pool2d: _pool_module(nn.AvgPool2d, _AVG_NAMES),
+    F.avg_pool3d: _pool_module(nn.AvgPool3d, _AVG_NAMES),
+    F.max_pool1d: _pool_module(nn.MaxPool1d, _MAX_NAMES),
+    F.max_pool2d: _pool_module(nn.MaxPool2d, _MAX_NAMES),
+    F.max_pool3d: _pool_module(nn.MaxPool3d, _MAX_NAMES),
+    F.adaptive_avg_pool1d: _pool_module(nn.AdaptiveAvgPool1d, ("output_size",)),
+    F.adaptive_avg_pool2d: _pool_module(nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.adaptive_avg_pool3d: _pool_module(nn.AdaptiveAvgPool3d, ("output_size",)),
+    F.adaptive_max_pool1d: _pool_module(
+        nn.AdaptiveMaxPool1d, ("output_size", "return_indices")
+    ),
+    F.adaptive_max_pool2d: _pool_module(
+        nn.AdaptiveMaxPool2d, ("output_size", "return_indices")
+    ),
+    F.pixel_shuffle: _pool_module(nn.PixelShuffle, ("upscale_factor",)),
+    F.pixel_unshuffle: _pool_module(nn.PixelUnshuffle, ("downscale_factor",)),
+    F.conv1d: _weighted_module("conv", 1),
+    F.conv2d: _weighted_module("conv", 2),
+    F.conv3d: _weighted_module("conv", 3),
+    F.conv_transpose1d: _weighted_module("conv_transpose", 1),
+    F.conv_transpose2d: _weighted_module("conv_transpose", 2),
+    F.conv_transpose3d: _weighted_module("conv_transpose", 3),
+    F.linear: _linear_module,
+}
+
+
 # Elementwise piecewise-linear functions, as the module that has the handler.
 def _activation_module(fn, args, kwargs) -> nn.Module | None:
     if fn in (F.relu, torch.relu, torch.relu_, F.relu_):
@@ -578,7 +676,7 @@ def _walk(build: _Build, graph: fx.Graph) -> int:
             obj = build.model64
             for part in node.target.split("."):
                 obj = getattr(obj, part)
-            build.values[node] = obj
+            build.values[node] = obj.detach() if _is_tensor(obj) else obj
             continue
         if node.op == "output":
             out = node.args[0]
@@ -628,9 +726,14 @@ def _call(build: _Build, node: fx.Node, args, kwargs):
 
 
 def _linear_node(build: _Build, node: fx.Node, args, kwargs, deps) -> None:
+    target = node.target
+    if node.op == "call_module":
+        # The handler runs before the forward: its message about a shape that
+        # does not fit is clearer than the one the module would raise.
+        _module_node(build, node, args, kwargs, deps)
+        return
     value = _run(build, node, args, kwargs)
     build.values[node] = value
-    target = node.target
 
     # Shape queries of the signal are constants.
     if node.op == "call_method" and target in _SIZE_METHODS:
@@ -651,9 +754,6 @@ def _linear_node(build: _Build, node: fx.Node, args, kwargs, deps) -> None:
         if not _is_tensor(build.values[container]):
             return  # an entry of a size tuple
 
-    if node.op == "call_module":
-        _module_node(build, node, args, kwargs, deps)
-        return
     if len(node.args) == 0 or not isinstance(value, (torch.Tensor, tuple, list)):
         raise build.error(node, f"returns {type(value).__name__}, not a tensor")
 
@@ -662,6 +762,18 @@ def _linear_node(build: _Build, node: fx.Node, args, kwargs, deps) -> None:
         if act is not None:
             _single(build, node, deps)
             _handler_layer(build, node, act, deps[0], args[0], _target_name(node))
+            return
+        if target in _FUNCTIONAL_MODULES:
+            _single(build, node, deps)
+            if node.args[0] is not deps[0]:
+                raise build.error(node, "the signal must be the first argument")
+            try:
+                module = _FUNCTIONAL_MODULES[target](args, kwargs)
+            except (TypeError, ValueError) as exc:
+                raise build.error(node, f"has arguments with no matrix: {exc}") from exc
+            _handler_layer(
+                build, node, module, deps[0], args[0], _target_name(node),
+            )  # fmt: skip
             return
         if target in _INTERPOLATE:
             _interpolate_node(build, node, args, kwargs, deps)
@@ -707,8 +819,9 @@ def _linear_node(build: _Build, node: fx.Node, args, kwargs, deps) -> None:
         "this function or method has no exact linear matrix here; supported: "
         "registered modules, +, -, torch.add/sub, multiplication and division by "
         "constants, torch.cat, F.relu/leaky_relu/relu6/hardtanh/threshold, "
-        "F.interpolate, F.dropout (eval), and reshapes, permutes, slices and "
-        "zero padding",
+        "F.interpolate, F.dropout (eval), the functional forms of the supported "
+        "convolutions, poolings, pixel shuffles and F.linear, and reshapes, "
+        "permutes, slices and zero padding",
     )
 
 
@@ -732,10 +845,10 @@ def _module_node(build: _Build, node: fx.Node, args, kwargs, deps) -> None:
         raise build.error(
             node, "a layer module must be called with the signal as its only argument"
         )
-    _handler_layer(build, node, module, deps[0], args[0], node.target, module64=True)
+    _handler_layer(build, node, module, deps[0], args[0], node.target)
 
 
-def _handler_layer(build, node, module, dep, x_value, path, module64=False) -> None:
+def _handler_layer(build, node, module, dep, x_value, path) -> None:
     handler = lookup(module)
     if handler is None:
         raise build.error(
@@ -752,12 +865,22 @@ def _handler_layer(build, node, module, dep, x_value, path, module64=False) -> N
         built = handler(module, in_shape, ctx)
     except (UnsupportedLayerError, ValueError) as exc:
         raise type(exc)(f"graph node {node.name!r} ({node.op} {path}): {exc}") from exc
+    if node not in build.values:
+        build.values[node] = _run(build, node, (x_value,), {})
 
     def offset():
-        m64 = build.model64.get_submodule(node.target) if module64 else module
+        # The layer's value at 0: its bias, in float64.
         with torch.no_grad():
             zero = torch.zeros((1, *in_shape), dtype=torch.float64)
-            return m64(zero).reshape(-1).numpy().copy()
+            if node.op == "call_module":
+                value = build.model64.get_submodule(node.target)(zero)
+            elif node.op == "call_function":
+                args = fx.node.map_arg(node.args, lambda n: build.values[n])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: build.values[n])
+                value = node.target(zero, *args[1:], **kwargs)
+            else:
+                value = copy.deepcopy(module).to(torch.float64)(zero)
+            return value.reshape(-1).numpy().copy()
 
     build.add_layer(node, source, built, type(module).__name__, path, offset=offset)
 
