@@ -122,7 +122,15 @@ def build_chain(
         if handler is None:
             raise unsupported(path, module)
         ctx = BuildContext(dtype=dtype, path=path, at=x)
-        result = handler(module, shape, ctx)
+        try:
+            result = handler(module, shape, ctx)
+        except UnsupportedLayerError as error:
+            # Every refusal of a layer lists what is supported, wherever raised.
+            if "supported types" in str(error):
+                raise
+            raise UnsupportedLayerError(
+                f"{error}; supported types: {', '.join(supported_types())}"
+            ) from error
         n_in = int(np.prod(shape))
         if result.matrix.shape != (int(np.prod(result.out_shape)), n_in):
             raise RuntimeError(

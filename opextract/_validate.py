@@ -59,7 +59,8 @@ def check_dtype(dtype) -> np.dtype:
     except TypeError:
         resolved = None
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype must be float32 or float64; got {dtype!r}")
+        shown = getattr(dtype, "__name__", None) or repr(dtype)
+        raise ValueError(f"dtype must be float32 or float64; got {shown}")
     return resolved
 
 
