@@ -173,3 +173,31 @@ def test_bundled_configs_validate():
     paths = bundled_configs()
     for path in paths:
         load_config(path, allow_grid=True)
+
+
+def test_bundled_configs_build_their_networks():
+    from analysis._pipeline import build_model
+    from analysis.sweep import expand_grid
+
+    names = {p.stem for p in bundled_configs()}
+    assert {"ds_identity", "ds_span_2x2", "ds_tiny_sweep", "protocol_lr"} <= names
+    for path in bundled_configs():
+        cfg = load_config(path, allow_grid=True)
+        jobs = expand_grid(cfg) if cfg.get("grid") else [({}, cfg)]
+        for _, job in jobs:
+            model = build_model(job["model"])
+            assert model.input_shape[0] in (1, 3)
+        header = path.read_text().splitlines()[0]
+        assert header.startswith("# "), path.name
+        assert "CPU time:" in path.read_text(), path.name
+
+
+def test_network_options_are_checked():
+    from analysis._pipeline import build_model
+
+    with pytest.raises(
+        ConfigError, match=r"'model\.a' is not an option of network 'ds'"
+    ):
+        build_model({"name": "ds", "a": 3})
+    with pytest.raises(ConfigError, match=r"'model\.b' must be set for network 'd_ab'"):
+        build_model({"name": "d_ab", "a": 3})
