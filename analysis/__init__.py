@@ -20,6 +20,11 @@ _EXPORTS: dict[str, str] = {
     "RankBound": "ranks",
     "span_dimension": "ranks",
     "SpanDimension": "ranks",
+    "svd_ablation": "ablation",
+    "AblationResult": "ablation",
+    "span_alignment": "alignment",
+    "Alignment": "alignment",
+    "eigenvector_images": "alignment",
     # configs, sweeps and the demo
     "ConfigError": "config",
     "load_config": "config",
