@@ -418,6 +418,9 @@ class _TorchOperator(spla.LinearOperator):
         with torch.no_grad():
             self._base = self._model(self._point)
         self._affine = at is not None or bool(self._base.abs().max() > 0)
+        self._n_out = int(np.prod(out_shape))
+        self._n_in = int(np.prod(input_shape))
+        self._chunk = 256
         n_out = layout_size(out_shape, layout)
         n_in = layout_size(input_shape, layout)
         super().__init__(dtype=np.dtype(dtype), shape=(n_out, n_in))
@@ -428,37 +431,43 @@ class _TorchOperator(spla.LinearOperator):
     def _from_compact_out(self, y, shape):
         return compact_to_padded(y.T, shape).T if self._layout == "padded" else y
 
+    def _batches(self, x, shape):
+        """Columns of ``x`` as tensors of shape ``(k, *shape)`` on the device."""
+        for start in range(0, x.shape[1], self._chunk):
+            cols = np.ascontiguousarray(x[:, start : start + self._chunk].T)
+            batch = torch.as_tensor(cols, dtype=self._tdtype, device=self._device)
+            yield batch.reshape((cols.shape[0], *shape))
+
+    def _points(self, k):
+        return self._point.expand((k, *self._in)).contiguous()
+
     def _matmat(self, x):
         x = self._to_compact_in(np.asarray(x), self._in)
-        k = x.shape[1]
-        batch = torch.as_tensor(np.ascontiguousarray(x.T), dtype=self._tdtype)
-        batch = batch.to(self._device).reshape((k, *self._in))
-        if self._affine:
-            # Jacobian-vector products at the linearization point; exact for
-            # piecewise-linear and affine networks.
-            def f(v):
-                return torch.func.jvp(self._model, (self._point,), (v[None],))[1][0]
-
-            y = torch.stack([f(v) for v in batch]) if k else batch
-        else:
-            with torch.no_grad():
-                y = self._model(batch)
-        y = y.reshape(k, -1).detach().cpu().numpy().T
+        out = []
+        for v in self._batches(x, self._in):
+            if self._affine:
+                # Jacobian-vector products at the linearization point; exact
+                # for affine and piecewise-linear networks.
+                _, y = torch.func.jvp(self._model, (self._points(len(v)),), (v,))
+            else:
+                with torch.no_grad():
+                    y = self._model(v)
+            out.append(y.detach().reshape(len(v), -1).cpu().numpy())
+        y = np.concatenate(out).T if out else np.zeros((self._n_out, 0))
         return self._from_compact_out(y.astype(self.dtype, copy=False), self._out)
 
     def _rmatmat(self, x):
         x = self._to_compact_in(np.asarray(x), self._out)
-        k = x.shape[1]
-        point = self._point.detach().requires_grad_(True)
-        with torch.enable_grad():
-            y = self._model(point)
-        cot = torch.as_tensor(np.ascontiguousarray(x.T), dtype=self._tdtype)
-        cot = cot.to(self._device).reshape((k, *self._out))
-        cols = []
-        for i in range(k):
-            (g,) = torch.autograd.grad(y, point, cot[i : i + 1], retain_graph=True)
-            cols.append(g.reshape(-1))
-        g = torch.stack(cols).detach().cpu().numpy().T if cols else np.zeros((0, k))
+        out = []
+        for cot in self._batches(x, self._out):
+            # Each sample's output depends on its own input only, so one
+            # backward pass gives the vector-Jacobian product of every column.
+            point = self._points(len(cot)).requires_grad_(True)
+            with torch.enable_grad():
+                y = self._model(point)
+            (g,) = torch.autograd.grad(y, point, cot)
+            out.append(g.detach().reshape(len(cot), -1).cpu().numpy())
+        g = np.concatenate(out).T if out else np.zeros((self._n_in, 0))
         return self._from_compact_out(g.astype(self.dtype, copy=False), self._in)
 
     def _matvec(self, x):
