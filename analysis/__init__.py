@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "span_alignment": "alignment",
     "Alignment": "alignment",
     "eigenvector_images": "alignment",
+    "memorization_report": "report",
+    "MemorizationReport": "report",
     # configs, sweeps and the demo
     "ConfigError": "config",
     "load_config": "config",
