@@ -104,6 +104,8 @@ class MemorizationReport:
         The computed singular values, decreasing.
     seconds : float
         Time the report took.
+    eigenvectors : ndarray of shape (n, k) or None
+        Eigenvectors of ``eigenvalues`` (kept in memory, not serialized).
     """
 
     verdict: str
@@ -137,6 +139,7 @@ class MemorizationReport:
     eigenvalues: np.ndarray = field(repr=False)
     singular_values: np.ndarray = field(repr=False)
     seconds: float = 0.0
+    eigenvectors: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def holds(self) -> bool:
@@ -148,6 +151,7 @@ class MemorizationReport:
         (complex eigenvalues as ``eigenvalues_real`` and ``eigenvalues_imag``).
         """
         out = asdict(self)
+        out.pop("eigenvectors")
         w = np.asarray(out.pop("eigenvalues"), dtype=np.complex128)
         out["eigenvalues_real"] = w.real.tolist()
         out["eigenvalues_imag"] = w.imag.tolist()
@@ -464,6 +468,7 @@ def memorization_report(
         eigenvalues=np.asarray(w),
         singular_values=np.asarray(ranks.singular_values),
         seconds=float(seconds),
+        eigenvectors=v,
     )
 
 
