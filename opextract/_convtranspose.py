@@ -1,30 +1,33 @@
 """Transposed convolutions: ``nn.ConvTranspose1d``, ``2d`` and ``3d``.
 
-A transposed convolution is, by definition, the adjoint of the convolution
-with the same weight, stride, padding, dilation and groups, taken on the
-transposed convolution's output shape. Its matrix is therefore the transpose
-of :func:`opextract.conv_matrix` on that shape: the convolution's matrix is
-built by its Numba kernel and transposed into CSR in one linear pass.
+Input entry ``(ci, i)`` adds ``w[ci, co, k] * x`` to output position
+``o = i * stride - padding + k * dilation``. Per spatial axis, a small table
+lists for every output position the ``(i, k)`` pairs that reach it, in
+increasing ``i``; a row's nonzeros are then the product of the per-axis
+counts (times the input channels of its group), so the CSR arrays are
+counted and allocated exactly, and a Numba kernel fills them in parallel
+over (output channel, output depth) with sorted column indices. The result
+equals the transpose of :func:`opextract.conv_matrix` on the output shape,
+which the tests check.
 
-``output_padding`` only lengthens the output. When it is at least the stride
-(PyTorch allows that when the dilation is larger), the convolution on the
-longer output yields more positions than the transposed convolution's input;
-those rows are dropped before transposing.
+``output_padding`` only lengthens the output; the extra positions receive
+no input entry when no tap reaches them.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from opextract._conv import conv_matrix
 from opextract._registry import BuildContext, LayerMatrix, register
-from opextract._separable import index_dtype, kron_csr
-from opextract._validate import check_dtype
+from opextract._separable import csr
+from opextract._validate import check_bytes, check_dtype, csr_bytes
 
 __all__ = ["conv_transpose_matrix"]
 
@@ -156,33 +159,87 @@ def conv_transpose_matrix(
         )
     out_shape = (int(w.shape[1]) * groups, *out_spatial)
 
-    conv, conv_out = conv_matrix(
-        w,
-        out_shape,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        dtype=dtype,
-    )
-    if tuple(conv_out[1:]) != spatial:
-        # output_padding >= stride: keep the convolution's first rows per axis.
-        keep = _leading_block(conv_out, shape)
-        conv = conv[keep]
-    matrix = conv.T.tocsr()
-    matrix.sort_indices()
+    w5 = w.reshape(w.shape[:2] + (1,) * (3 - nd) + tuple(kernel)).astype(dtype)
+    pad3 = lambda v, fill: (fill,) * (3 - nd) + tuple(v)  # noqa: E731
+    taps = [
+        _axis_taps(n, k, s, p, d, m)
+        for n, k, s, p, d, m in zip(
+            pad3(spatial, 1), w5.shape[2:], pad3(stride, 1), pad3(padding, 0),
+            pad3(dilation, 1), pad3(out_spatial, 1),
+        )
+    ]  # fmt: skip
+    matrix = _build(w5, groups, pad3(spatial, 1), pad3(out_spatial, 1), taps, dtype)
     return matrix, out_shape
 
 
-def _leading_block(big: tuple[int, ...], small: tuple[int, ...]) -> np.ndarray:
-    """Flat indices, in ``big``'s compact order, of its leading ``small`` block."""
-    axes = [
-        sp.csr_array(np.eye(b, dtype=np.float64)[:s])
-        for b, s in zip(big[1:], small[1:])
-    ]
-    block = kron_csr(small[0], axes, np.float64)
-    idx = index_dtype(int(np.prod(big)))
-    return block.indices.astype(idx)
+def _axis_taps(n_in, k, stride, pad, dilation, n_out):
+    """For each output position o of one axis: the (input, kernel offset) pairs
+    with ``i * stride - pad + kk * dilation == o``, by increasing input ``i``.
+
+    Returned as ``(ptr, inputs, offsets)``, CSR-like over output positions.
+    """
+    i, kk = np.meshgrid(np.arange(n_in), np.arange(k), indexing="ij")
+    o = (i * stride - pad + kk * dilation).ravel()
+    i, kk = i.ravel(), kk.ravel()
+    keep = (o >= 0) & (o < n_out)
+    o, i, kk = o[keep], i[keep], kk[keep]
+    order = np.lexsort((i, o))
+    ptr = np.zeros(n_out + 1, dtype=np.int64)
+    np.cumsum(np.bincount(o, minlength=n_out), out=ptr[1:])
+    return ptr, i[order].astype(np.int64), kk[order].astype(np.int64)
+
+
+def _build(w5, groups, spatial, out_spatial, taps, dtype) -> sp.csr_array:
+    c_in, c_out_g = w5.shape[:2]
+    c_out, c_in_g = c_out_g * groups, c_in // groups
+    n_rows = c_out * math.prod(out_spatial)
+    n_cols = c_in * math.prod(spatial)
+
+    # First pass: the nonzeros of a row are c_in_g times the product of the
+    # per-axis tap counts of its output position.
+    counts = [np.diff(ptr) for ptr, _, _ in taps]
+    per_position = np.multiply.outer(np.multiply.outer(counts[0], counts[1]), counts[2])
+    nnz = c_in_g * c_out * int(per_position.sum())
+    size, idx = csr_bytes(nnz, n_rows, n_cols, dtype)
+    check_bytes(size, f"a transposed-convolution matrix ({n_rows} x {n_cols})")
+    indptr = np.zeros(n_rows + 1, dtype=idx)
+    np.cumsum(np.tile(per_position.ravel() * c_in_g, c_out), out=indptr[1:])
+
+    indices = np.empty(nnz, dtype=idx)
+    data = np.empty(nnz, dtype=dtype)
+    flat = [a for axis in taps for a in axis]
+    _fill(w5, c_in_g, c_out_g, *flat, np.array(spatial, dtype=np.int64), indptr,
+          indices, data)  # fmt: skip
+    return csr(data, indices, indptr, (n_rows, n_cols))
+
+
+@numba.njit(cache=True, parallel=True)
+def _fill(w, c_in_g, c_out_g, pd, id_, kd, ph, ih, kh, pw, iw, kw, spatial, indptr,
+          indices, data):  # fmt: skip
+    depth, height, width = spatial[0], spatial[1], spatial[2]
+    n_d, n_h, n_w = pd.size - 1, ph.size - 1, pw.size - 1
+    c_out = w.shape[1] * (w.shape[0] // c_in_g)
+    # Rows of one (output channel, output depth) pair are independent of all
+    # others: each task writes its own slice of indices/data.
+    for task in numba.prange(c_out * n_d):
+        co = task // n_d
+        od = task - co * n_d
+        g = co // c_out_g
+        cog = co - g * c_out_g
+        row = task * n_h * n_w
+        for oh in range(n_h):
+            for ow in range(n_w):
+                pos = indptr[row]
+                for ci in range(g * c_in_g, (g + 1) * c_in_g):
+                    for a in range(pd[od], pd[od + 1]):
+                        base_d = (ci * depth + id_[a]) * height
+                        for b in range(ph[oh], ph[oh + 1]):
+                            base = (base_d + ih[b]) * width
+                            for c in range(pw[ow], pw[ow + 1]):
+                                indices[pos] = base + iw[c]
+                                data[pos] = w[ci, cog, kd[a], kh[b], kw[c]]
+                                pos += 1
+                row += 1
 
 
 _TRANSPOSED = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
