@@ -392,7 +392,9 @@ def train(
         File to write checkpoints to (weights, optimizer state, options,
         history; written atomically: a temporary file in the same folder,
         then renamed) every ``checkpoint_every`` iterations and at the end.
-        With ``resume=True`` and an existing file, training continues from it.
+        With ``resume=True`` and an existing file, training continues from it;
+        an interrupted run loses at most the iterations since the last
+        checkpoint.
     progress : bool, default True
         Show a tqdm progress bar with the loss on stderr.
     max_epochs : int or None
@@ -629,7 +631,13 @@ def train(
                 xb = x[order[pos * batch_size : (pos + 1) * batch_size]]
 
             opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(xb), xb)
+            out = model(xb)
+            if it == start and out.shape != xb.shape:
+                raise ValueError(
+                    "model must map images to images of the same shape; got "
+                    f"{tuple(out.shape)} for input {tuple(xb.shape)}"
+                )
+            loss = F.mse_loss(out, xb)
             loss.backward()
             opt.step()
             value = loss.item()

@@ -344,6 +344,24 @@ def test_num_threads_is_restored():
         train(models.ds(), data.basis_2x2([0]), num_threads=0, **FAST)
 
 
+def test_export_after_training(tmp_path):
+    # The one call after training: operator, report and history in one file.
+    from analysis import io as aio
+
+    images = data.span_set_2x2(2, n=3)
+    net, history = train(
+        models.ds(seed=1), images, lr=1e-3, max_iter=2000, tol=0, **FAST
+    )
+    report = aio.export_results(tmp_path / "ds.h5", net, images, history=history)
+    assert report.verdict == "holds"
+    assert (tmp_path / "ds.h5").is_file()
+
+
+def test_model_must_preserve_shape():
+    with pytest.raises(ValueError, match="same shape; got"):
+        train(torch.nn.Conv2d(1, 2, 3, padding=1), data.basis_2x2([0]), **FAST)
+
+
 def test_bad_images():
     with pytest.raises(ValueError, match=r"shape \(n, 1, 2, 2\) for this network"):
         train(models.ds(), np.zeros((1, 3, 2, 2)), **FAST)
