@@ -222,3 +222,12 @@ def test_bad_arguments(call, match):
 def test_build_bad_option():
     with pytest.raises(TypeError, match="invalid options for network 'ds'"):
         models.build("ds", channels=3)
+
+
+def test_ds_factors_have_the_shapes_of_appendix_b():
+    # A_X = A_5 A_4 A_3 A_2 U A_1 on zero-padded 1x2x2 images: A_1 is
+    # 4*3*3 x 1*4*4, U is 4*4*4 x 4*3*3, A_2..A_4 are 64 x 64, A_5 is 16 x 64.
+    factors = opextract.factors(models.ds(seed=0), (1, 2, 2), layout="padded")
+    assert [f.path for f in factors] == ["0", "1", "2", "3", "4", "5"]
+    shapes = [f.matrix.shape for f in factors]
+    assert shapes == [(36, 16), (64, 36), (64, 64), (64, 64), (64, 64), (16, 64)]
