@@ -227,7 +227,7 @@ def sample_images(n: int = 1, *, size: int = 32, seed: int = 0) -> np.ndarray:
     n : int, default 1
         Number of crops.
     size : int, default 32
-        Side of the crops (at most 298, the left part's width).
+        Side of the crops (at most 427, the photographs' height).
     seed : int, default 0
         Seed of :func:`numpy.random.default_rng`; the same seed gives the
         same crops.
@@ -249,8 +249,8 @@ def sample_images(n: int = 1, *, size: int = 32, seed: int = 0) -> np.ndarray:
     """
     n = _check_count("n", n)
     size = _check_count("size", size)
-    if size > 298:
-        raise ValueError(f"size must be at most 298 for the sample photos; got {size}")
+    if size > 427:
+        raise ValueError(f"size must be at most 427 for the sample photos; got {size}")
     return _sample_crops(n, size, int(seed), held_out=False)
 
 
@@ -266,7 +266,7 @@ def held_out_images(n: int = 1, *, size: int = 32, seed: int = 0) -> np.ndarray:
     n : int, default 1
         Number of crops.
     size : int, default 32
-        Side of the crops (at most 128).
+        Side of the crops (at most 192, the width of the right part).
     seed : int, default 0
         Seed of :func:`numpy.random.default_rng`.
 
@@ -282,8 +282,8 @@ def held_out_images(n: int = 1, *, size: int = 32, seed: int = 0) -> np.ndarray:
     """
     n = _check_count("n", n)
     size = _check_count("size", size)
-    if size > 128:
-        raise ValueError(f"size must be at most 128 for held-out crops; got {size}")
+    if size > 192:
+        raise ValueError(f"size must be at most 192 for held-out crops; got {size}")
     return _sample_crops(n, size, int(seed), held_out=True)
 
 

@@ -197,3 +197,13 @@ def test_check_images():
     assert rescaled.min() == 0 and rescaled.max() == 1
     with pytest.raises(ValueError, match="should have values in"):
         data.check_images(wide, on_range="error")
+
+
+def test_sample_size_limits():
+    assert data.held_out_images(1, size=192).shape == (1, 3, 192, 192)
+    with pytest.raises(ValueError, match="at most 192 for held-out crops; got 193"):
+        data.held_out_images(1, size=193)
+    with pytest.raises(ValueError, match="at most 427 for the sample photos; got 428"):
+        data.sample_images(1, size=428)
+    with pytest.raises(ValueError, match="n must be a positive integer; got 0"):
+        data.sample_images(0)
