@@ -153,13 +153,19 @@ def _affine_error(layer: _chain.ChainLayer) -> ValueError:
 
 
 def _build(model, input_shape, *, dtype, at, bias, fuse=False):
-    """Return ``("chain", layers)`` or ``("graph", FactorGraph)``."""
+    """Return ``("chain", layers)`` or ``("graph", FactorGraph)``.
+
+    ``fuse`` (for :func:`to_sparse`) fuses nearest upsampling into the next
+    convolution and keeps convolutions as unallocated row templates.
+    """
     layers = _chain.chain_layers(model)
     if layers is None:
         return "graph", _graph_factors(
             model, input_shape, dtype=dtype, at=at, bias=bias
         )
-    built = _chain.build_chain(layers, input_shape, dtype=dtype, at=at, fuse=fuse)
+    built = _chain.build_chain(
+        layers, input_shape, dtype=dtype, at=at, fuse=fuse, lazy=fuse
+    )
     if at is None and bias == "error":
         for layer in built:
             if layer.built.has_offset:

@@ -25,7 +25,12 @@ class ChainLayer:
     ``paths`` describes a translation-structured layer (a convolution, a
     nearest upsampling, or the two fused) per spatial axis as ``(k, o, tap,
     pos)``: output position ``o`` reads input position ``pos`` through kernel
-    offset ``tap`` of ``k``. It is None for other layers.
+    offset ``tap`` of ``k``. It is None for other layers. ``virtual`` (a
+    ``_compose.VirtualMatrix``) stands in for a convolution's matrix that was
+    not allocated; ``built.matrix`` is then None. ``weight`` is the
+    structured layer's kernel with dense channels, ``(C_out, C_in, kd, kh,
+    kw)`` (unit axes below three dimensions), indexed by the taps of
+    ``paths``.
     """
 
     path: str
@@ -33,6 +38,8 @@ class ChainLayer:
     in_shape: tuple[int, ...]
     built: LayerMatrix
     paths: list | None = None
+    virtual: object | None = None
+    weight: np.ndarray | None = None
 
 
 def display_path(path: str) -> str:
@@ -101,6 +108,7 @@ def build_chain(
     dtype: np.dtype,
     at: torch.Tensor | None,
     fuse: bool = False,
+    lazy: bool = False,
 ) -> list[ChainLayer]:
     """Build the matrices of ``layers``, forwarding ``at`` through them.
 
@@ -109,8 +117,14 @@ def build_chain(
     of every layer so that piecewise-linear handlers see their own input.
     With ``fuse``, a nearest upsampling followed by a convolution becomes one
     matrix (path ``"up+conv"``), which skips the convolution's wide matrix.
+    With ``lazy``, convolutions are kept as row templates (``virtual``) when
+    those are small, and their matrices are not allocated.
     """
-    from opextract import _conv, _upsample
+    from opextract import _compose, _conv, _upsample
+
+    def virtual_of(plan):
+        rows = _conv.virtual_rows(plan) if lazy else None
+        return None if rows is None else _compose.VirtualMatrix(*rows, plan.n_cols)
 
     built: list[ChainLayer] = []
     shape = tuple(input_shape)
@@ -122,8 +136,15 @@ def build_chain(
         if handler is None:
             raise unsupported(path, module)
         ctx = BuildContext(dtype=dtype, path=path, at=x)
+        virtual = None
+        if lazy and _is_conv(module) and handler is _conv._conv_handler:
+            plan = _conv.module_plan(module, shape, ctx)
+            virtual = virtual_of(plan)
         try:
-            result = handler(module, shape, ctx)
+            if virtual is not None:
+                result = LayerMatrix(None, plan.out_shape, module.bias is not None)
+            else:
+                result = handler(module, shape, ctx)
         except UnsupportedLayerError as error:
             # Every refusal of a layer lists what is supported, wherever raised.
             if "supported types" in str(error):
@@ -132,19 +153,24 @@ def build_chain(
                 f"{error}; supported types: {', '.join(supported_types())}"
             ) from error
         n_in = int(np.prod(shape))
-        if result.matrix.shape != (int(np.prod(result.out_shape)), n_in):
+        matrix_shape = (virtual or result.matrix).shape
+        if matrix_shape != (int(np.prod(result.out_shape)), n_in):
             raise RuntimeError(
                 f"handler of {type(module).__name__} at {display_path(path)} "
-                f"returned a matrix of shape {result.matrix.shape} for input "
+                f"returned a matrix of shape {matrix_shape} for input "
                 f"{shape} and output {result.out_shape}"
             )
         sources = _upsample.nearest_sources(module, shape, result.out_shape)
         modules = [module]
-        paths = None
+        paths = weight = None
         if sources is not None:
             paths = _upsample_paths(sources)
+            eye = np.eye(shape[0], dtype=dtype)
+            weight = eye.reshape(shape[0], shape[0], 1, 1, 1)
         elif _is_conv(module):
-            paths = _conv.module_plan(module, shape, ctx).axis_paths()
+            conv_plan = _conv.module_plan(module, shape, ctx)
+            paths = conv_plan.axis_paths()
+            weight = _conv.dense_weight(conv_plan)
         if (
             fuse
             and sources is not None
@@ -160,13 +186,17 @@ def build_chain(
                 sources=sources,
                 coarse=shape[1:],
             )
-            matrix, out_shape = _conv._build(plan)
-            result = LayerMatrix(matrix, out_shape, conv.bias is not None)
+            virtual = virtual_of(plan)
+            matrix = None if virtual is not None else _conv._build(plan)[0]
+            result = LayerMatrix(matrix, plan.out_shape, conv.bias is not None)
             paths = plan.axis_paths()
+            weight = _conv.dense_weight(plan)
             path = f"{path}+{conv_path}"
             modules.append(conv)
             i += 1
-        built.append(ChainLayer(path, modules[-1], shape, result, paths))
+        built.append(
+            ChainLayer(path, modules[-1], shape, result, paths, virtual, weight)
+        )
         if x is not None:
             with torch.no_grad():
                 for m in modules:

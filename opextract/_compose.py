@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from opextract import _kernels
+from opextract import _conv, _kernels
 from opextract._validate import check_bytes, csr_bytes, index_dtype
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,53 @@ def dense_to_csr(x: np.ndarray) -> sp.csr_array:
     return out
 
 
+class VirtualMatrix:
+    """A matrix given by row templates: row ``r`` is template ``row_rep[r]``
+    with its columns shifted by ``row_shift[r]``. Products read its rows
+    without the matrix ever being allocated."""
+
+    def __init__(self, templates, row_rep, row_shift, n_cols):
+        self.templates = sp.csr_array(templates)
+        self.templates.sort_indices()
+        self.row_rep = np.ascontiguousarray(row_rep, dtype=np.int64)
+        self.row_shift = np.ascontiguousarray(row_shift, dtype=np.int64)
+        self.shape = (len(self.row_rep), int(n_cols))
+        self.dtype = self.templates.dtype
+
+    def rows(self, index) -> sp.csr_array:
+        return _stamp(
+            self.templates, self.row_rep[index], self.row_shift[index], self.shape[1]
+        )
+
+    def tocsr(self) -> sp.csr_array:
+        return self.rows(np.arange(self.shape[0]))
+
+
+def as_csr(m) -> sp.csr_array:
+    """A CSR array of ``m`` (a CSR array, another sparse format or virtual)."""
+    if isinstance(m, VirtualMatrix):
+        return m.tocsr()
+    m = sp.csr_array(m)
+    m.sort_indices()
+    return m
+
+
 def multiply(x, y, *, dense: bool = False, blas: bool = False):
     """``x @ y`` for CSR arrays or dense ndarrays, by the cheapest kernel."""
+    if isinstance(x, VirtualMatrix):
+        x = x.tocsr()
+    if isinstance(y, VirtualMatrix):
+        if not dense and sp.issparse(x):
+            return spgemm(x, y.tocsr())
+        t = y.templates
+        out = np.zeros((x.shape[0], y.shape[1]), dtype=np.result_type(x.dtype, y.dtype))
+        args = (t.indptr, t.indices, t.data, y.row_rep, y.row_shift, out)
+        if sp.issparse(x):
+            x = sp.csr_array(x)
+            _kernels.virtual_spmm_dense(x.indptr, x.indices, x.data, *args)
+        else:
+            _kernels.dense_virtual_spmm(np.ascontiguousarray(x), *args)
+        return out
     x_sparse, y_sparse = sp.issparse(x), sp.issparse(y)
     if blas:
         xd = x.toarray() if x_sparse else x
@@ -402,9 +447,9 @@ def _rows_through(t: sp.csr_array, matrices) -> sp.csr_array:
     """``t @ matrices[0] @ matrices[1] @ ...`` for a few rows ``t``."""
     for m in matrices:
         if t.shape[0] * m.shape[1] * 8 <= _DENSE_ROWS_BYTES:
-            t = multiply(t, m, dense=sp.issparse(t))
+            t = multiply(t, m, dense=True)
         else:
-            t = spgemm(t if sp.issparse(t) else dense_to_csr(t), m)
+            t = spgemm(t if sp.issparse(t) else dense_to_csr(t), as_csr(m))
     return dense_to_csr(t) if not sp.issparse(t) else t
 
 
@@ -419,17 +464,115 @@ def structured_product(matrices, paths, in_shape, out_shape, *, by="rows"):
         return None
     rep_index, row_rep, row_shift = plan
     if by == "rows":
-        t = _rows_through(matrices[-1][rep_index], matrices[-2::-1])
+        last = matrices[-1]
+        if isinstance(last, VirtualMatrix):
+            t = last.rows(rep_index)
+        else:
+            t = sp.csr_array(last)[rep_index]
+        t = _rows_through(t, matrices[-2::-1])
         n_other = int(np.prod(in_shape))
     else:
-        t = sp.csr_array(matrices[0].T)[rep_index]
-        t = _rows_through(t, [sp.csr_array(m.T) for m in matrices[1:]])
+        t = sp.csr_array(as_csr(matrices[0]).T)[rep_index]
+        t = _rows_through(t, [sp.csr_array(as_csr(m).T) for m in matrices[1:]])
         n_other = int(np.prod(out_shape))
     t.sort_indices()
     stamped = _stamp(t, row_rep, row_shift, n_other)
     if by == "rows":
         return stamped
     return sp.csr_array(stamped.T.tocsr())
+
+
+# Composing kernels: a chain of convolutions (and nearest upsamplings) is a
+# single "convolution" whose taps along each axis are the sequences of the
+# layers' taps, with the kernel contracted over the intermediate channels.
+# Taps that meet the same (output, input) position pairs everywhere are merged
+# (their kernel entries summed), which keeps the composite kernel small.
+
+_MAX_CONTRACTION = 300_000_000
+
+
+def _join(outer, inner):
+    """Compose one axis's tap pairs: ``outer`` after ``inner``."""
+    ko, oo, to, po = outer
+    ki, oi, ti, pi = inner
+    n_q = int(max(po.max(initial=-1), oi.max(initial=-1))) + 1
+    order = np.argsort(oi, kind="stable")
+    counts = np.bincount(oi, minlength=n_q)
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    rep = counts[po]
+    total = int(rep.sum())
+    entry = np.repeat(np.arange(len(po)), rep)
+    within = np.arange(total) - np.repeat(np.cumsum(rep) - rep, rep)
+    pair = order[starts[po][entry] + within]
+    return ko * ki, oo[entry], to[entry] * ki + ti[pair], pi[pair]
+
+
+def _merge_taps(axis_paths):
+    """Merge taps with identical (output, input) pairs; return paths, groups."""
+    k, o, tap, pos = axis_paths
+    order = np.lexsort((pos, o, tap))
+    o, tap, pos = o[order], tap[order], pos[order]
+    bounds = np.searchsorted(tap, np.arange(k + 1))
+    keys: dict[tuple[bytes, bytes], int] = {}
+    group = np.full(k, -1, dtype=np.int64)
+    for t in range(k):
+        a, b = bounds[t], bounds[t + 1]
+        if b > a:
+            group[t] = keys.setdefault(
+                (o[a:b].tobytes(), pos[a:b].tobytes()), len(keys)
+            )
+    first = np.zeros(len(keys), dtype=bool)
+    keep = np.zeros(len(tap), dtype=bool)
+    for t in range(k):
+        if group[t] >= 0 and not first[group[t]]:
+            first[group[t]] = True
+            keep[bounds[t] : bounds[t + 1]] = True
+    merged = (len(keys), o[keep], group[tap[keep]], pos[keep])
+    return merged, group
+
+
+def _sum_taps(weight, axis, group, n_groups):
+    """Sum the kernel's entries along tap ``axis`` (2..4) into their groups."""
+    shape = list(weight.shape)
+    shape[axis] = n_groups
+    out = np.zeros(shape, dtype=weight.dtype)
+    valid = np.flatnonzero(group >= 0)
+    src = np.moveaxis(weight, axis, 0)[valid]
+    np.add.at(np.moveaxis(out, axis, 0), group[valid], src)
+    return out
+
+
+def compose_kernels(layers, in_shape, out_shape):
+    """One plan for a structured chain segment, or None if too costly."""
+    nd = len(out_shape) - 1
+    if any(la.weight is None or la.paths is None for la in layers):
+        return None
+    if any(len(la.paths) != nd for la in layers):
+        return None
+    weight = layers[-1].weight
+    paths = list(layers[-1].paths)
+    for layer in reversed(layers[:-1]):
+        w_in = layer.weight
+        cost = weight.shape[0] * weight.shape[1] * w_in.shape[1]
+        cost *= int(np.prod(weight.shape[2:])) * int(np.prod(w_in.shape[2:]))
+        if cost > _MAX_CONTRACTION:
+            return None
+        a, b = weight.shape[:2]
+        c = w_in.shape[1]
+        ko, ki = weight.shape[2:], w_in.shape[2:]
+        # Contract the channels by BLAS, then interleave outer and inner taps.
+        product = np.tensordot(weight, w_in, axes=([1], [0]))
+        weight = product.transpose(0, 4, 1, 5, 2, 6, 3, 7).reshape(
+            a, c, ko[0] * ki[0], ko[1] * ki[1], ko[2] * ki[2]
+        )
+        offset = 3 - nd
+        for axis in range(nd):
+            joined = _join(paths[axis], layer.paths[axis])
+            paths[axis], group = _merge_taps(joined)
+            weight = _sum_taps(weight, 2 + offset + axis, group, paths[axis][0])
+    return _conv.plan_from_paths(
+        weight, paths, tuple(in_shape[1:]), tuple(out_shape[1:]), "a product"
+    )
 
 
 def _final_product(left, right, seed=0):
@@ -460,9 +603,10 @@ def compose_chain(layers) -> sp.csr_array:
     side by representative columns when the layers are translation
     structured (generically otherwise), and finishes with one product.
     """
-    mats = [sp.csr_array(layer.built.matrix) for layer in layers]
-    for m in mats:
-        m.sort_indices()
+    mats = [
+        layer.virtual if layer.virtual is not None else as_csr(layer.built.matrix)
+        for layer in layers
+    ]
     dims = [mats[0].shape[1]] + [m.shape[0] for m in mats]
     shapes = [tuple(layers[0].in_shape)] + [tuple(la.built.out_shape) for la in layers]
     smallest = min(dims)
@@ -476,27 +620,38 @@ def compose_chain(layers) -> sp.csr_array:
             return None
         if len(seg) == 1:
             return mats[lo]
+        plan = compose_kernels(seg, shapes[lo], shapes[hi])
+        if plan is not None:
+            rows = _conv.virtual_rows(plan)
+            if rows is not None:
+                return VirtualMatrix(*rows, plan.n_cols)
+            return _conv._build(plan)[0]
         result = structured_product(
             mats[lo:hi], [la.paths for la in seg], shapes[lo], shapes[hi], by=by
         )
         if result is None:
             logger.debug("layers %d..%d: generic products", lo, hi - 1)
-            result = compose(mats[lo:hi])
+            result = compose([as_csr(m) for m in mats[lo:hi]])
         return result
 
     if b == len(mats):
         # The output is narrowest: the whole chain from the input side.
-        return _finish(side(0, b, "cols"))
+        return _finish(as_csr(side(0, b, "cols")))
     left = side(b, len(mats), "rows")
     right = side(0, b, "cols")
     if right is None:
-        return _finish(left)
+        return _finish(as_csr(left))
+    right = as_csr(right)
     # The rows of the whole product repeat too: multiply representatives only.
     plan = _structure([la.paths for la in layers], shapes[0], shapes[-1], "rows")
     if plan is None:
-        return _finish(_final_product(left, right))
+        return _finish(_final_product(as_csr(left), right))
     rep_index, row_rep, row_shift = plan
-    reps = _finish(_final_product(sp.csr_array(left[rep_index]), right))
+    if isinstance(left, VirtualMatrix):
+        left_reps = left.rows(rep_index)
+    else:
+        left_reps = sp.csr_array(left)[rep_index]
+    reps = _finish(_final_product(left_reps, right))
     return _stamp(reps, row_rep, row_shift, dims[0])
 
 

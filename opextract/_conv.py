@@ -20,7 +20,7 @@ from torch import nn
 
 from opextract import _kernels
 from opextract._registry import BuildContext, LayerMatrix, register
-from opextract._validate import check_bytes, check_dtype, csr_bytes
+from opextract._validate import check_bytes, check_dtype, csr_bytes, index_dtype
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 
@@ -298,6 +298,124 @@ class _Plan:
                 )
             )
         return out
+
+
+def dense_weight(plan: _Plan) -> np.ndarray:
+    """The plan's weight with dense channels: zeros between the groups."""
+    w5, groups = plan.w5, plan.groups
+    if groups == 1:
+        return w5
+    cout, cin_g = w5.shape[:2]
+    cout_g = cout // groups
+    dense = np.zeros((cout, cin_g * groups) + w5.shape[2:], dtype=w5.dtype)
+    for g in range(groups):
+        rows = slice(g * cout_g, (g + 1) * cout_g)
+        dense[rows, g * cin_g : (g + 1) * cin_g] = w5[rows]
+    return dense
+
+
+def plan_from_paths(weight, paths, in_spatial, out_spatial, where) -> _Plan:
+    """A plan for a structured map given by per-axis tap pairs and a kernel.
+
+    ``weight`` of shape (C_out, C_in, k_d, k_h, k_w) with dense channels;
+    ``paths`` per axis ``(k, o, tap, pos)`` for the 1 to 3 spatial axes.
+    """
+    nd = len(paths)
+    pad_axes = 3 - nd
+    unit = (1, np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+    tables = []
+    for (_k, o, tap, pos), n_out in zip(
+        [unit] * pad_axes + list(paths), (1,) * pad_axes + tuple(out_spatial)
+    ):
+        order = np.lexsort((tap, pos, o))
+        o, tap, pos = o[order], tap[order], pos[order]
+        bounds = np.searchsorted(o, np.arange(n_out + 1))
+        ng = np.zeros(n_out, dtype=np.int64)
+        width = max(int(np.diff(bounds).max(initial=0)), 1)
+        col = np.zeros((n_out, width), dtype=np.int64)
+        gs = np.zeros((n_out, width + 1), dtype=np.int64)
+        taps = np.zeros((n_out, width), dtype=np.int64)
+        for i in range(n_out):
+            a, b = bounds[i], bounds[i + 1]
+            p = pos[a:b]
+            distinct, starts = np.unique(p, return_index=True)
+            ng[i] = len(distinct)
+            col[i, : len(distinct)] = distinct
+            gs[i, : len(distinct)] = starts
+            gs[i, len(distinct) :] = b - a
+            taps[i, : b - a] = tap[a:b]
+        tables.append((ng, col, gs, taps))
+    cout, cin = weight.shape[:2]
+    out_shape = (cout, *out_spatial)
+    in_dhw = np.array((1,) * pad_axes + tuple(in_spatial), dtype=np.int64)
+    out_dhw = np.array((1,) * pad_axes + tuple(out_spatial), dtype=np.int64)
+    return _Plan(
+        np.ascontiguousarray(weight), tables, in_dhw, out_dhw, out_shape, cin, 1,
+        int(np.prod(out_shape)), cin * int(np.prod(in_spatial)), nd, where,
+    )  # fmt: skip
+
+
+def virtual_rows(plan: _Plan):
+    """The matrix of ``plan`` as row templates and per-row shifts, unbuilt.
+
+    Returns ``(templates, row_rep, row_shift)``: row ``r`` of the matrix is
+    row ``row_rep[r]`` of the CSR array ``templates`` with every column index
+    plus ``row_shift[r]``. None when the tap patterns are too many for
+    templates to pay off. Lets products use a convolution's rows without
+    allocating its matrix.
+    """
+    w5, tables = plan.w5, plan.tables
+    cout, cin_g = w5.shape[0], plan.cin_g
+    patterns = [_axis_patterns(*t) for t in tables]
+    n_pat = [len(p[2][0]) for p in patterns]
+    n_combos = int(np.prod(n_pat))
+    row_len = cin_g * int(np.prod([t[0].max(initial=0) for t in tables]))
+    if n_combos * row_len * cout > max(plan.n_rows * row_len * _TEMPLATE_FRACTION, 1):
+        return None
+    idx = index_dtype(max(plan.n_cols, n_combos * row_len * cout))
+    tcols = np.zeros((n_combos, max(row_len, 1)), dtype=idx)
+    tvals = np.zeros((cout, n_combos, max(row_len, 1)), dtype=w5.dtype)
+    args = []
+    for _pid, _base, ptables in patterns:
+        args += list(ptables)
+    _kernels.conv_templates(w5, cin_g, plan.in_dhw, *args, tcols, tvals)
+
+    # Length of each combination's template: taps per axis times channels.
+    lengths = cin_g * _outer_product([p[2][0] for p in patterns])
+    keep = np.arange(tcols.shape[1])[None, :] < lengths[:, None]
+    counts = np.tile(lengths, cout)
+    indptr = np.zeros(len(counts) + 1, dtype=index_dtype(int(counts.sum())))
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.broadcast_to(tcols, tvals.shape)[np.broadcast_to(keep, tvals.shape)]
+    data = tvals[np.broadcast_to(keep, tvals.shape)]
+    templates = sp.csr_array(
+        (data, indices.astype(idx), indptr), shape=(cout * n_combos, plan.n_cols)
+    )
+
+    d_in, h_in, w_in = (int(v) for v in plan.in_dhw)
+    cout_g = cout // plan.groups
+    combo = _outer_sum([p[0] for p in patterns], n_pat)
+    base = _outer_sum([p[1] for p in patterns], [d_in, h_in, w_in])
+    channel = np.arange(cout)
+    row_rep = (channel[:, None] * n_combos + combo[None, :]).reshape(-1)
+    group_base = (channel // cout_g) * cin_g * d_in * h_in * w_in
+    row_shift = (group_base[:, None] + base[None, :]).reshape(-1)
+    return templates, row_rep, row_shift
+
+
+def _outer_product(per_axis) -> np.ndarray:
+    out = np.ones(1, dtype=np.int64)
+    for values in per_axis:
+        out = (out[:, None] * values[None, :]).reshape(-1)
+    return out
+
+
+def _outer_sum(per_axis, sizes) -> np.ndarray:
+    """Flat index ``((a_0 * n_1 + a_1) * n_2 + a_2)`` over all combinations."""
+    out = np.zeros(1, dtype=np.int64)
+    for values, size in zip(per_axis, sizes):
+        out = (out[:, None] * size + values[None, :]).reshape(-1)
+    return out
 
 
 def _plan(

@@ -355,3 +355,36 @@ def stamp_rows(
         for q in range(rep_indptr[r + 1] - start):
             indices[pos + q] = rep_indices[start + q] + shift
             data[pos + q] = rep_data[start + q]
+
+
+@njit(cache=True, parallel=True)
+def virtual_spmm_dense(
+    a_indptr, a_indices, a_data, t_indptr, t_indices, t_data, row_rep, row_shift, out
+):
+    """``out = A @ B`` where row ``k`` of ``B`` is template ``row_rep[k]``
+    shifted by ``row_shift[k]`` (a convolution that was never allocated)."""
+    m = a_indptr.shape[0] - 1
+    for i in prange(m):
+        row = out[i]
+        for p in range(a_indptr[i], a_indptr[i + 1]):
+            k = a_indices[p]
+            v = a_data[p]
+            r = row_rep[k]
+            shift = row_shift[k]
+            for q in range(t_indptr[r], t_indptr[r + 1]):
+                row[t_indices[q] + shift] += v * t_data[q]
+
+
+@njit(cache=True, parallel=True)
+def dense_virtual_spmm(x, t_indptr, t_indices, t_data, row_rep, row_shift, out):
+    """``out = X @ B`` for dense ``X`` and ``B`` given by templates."""
+    m, n_inner = x.shape
+    for i in prange(m):
+        row = out[i]
+        for k in range(n_inner):
+            v = x[i, k]
+            if v != 0:
+                r = row_rep[k]
+                shift = row_shift[k]
+                for q in range(t_indptr[r], t_indptr[r + 1]):
+                    row[t_indices[q] + shift] += v * t_data[q]

@@ -159,13 +159,18 @@ def test_one_and_three_dimensional_chains():
     )
 
 
-def test_structured_and_generic_products_agree(monkeypatch):
-    model = CASES["d_ab-small"]().double()
-    A = opextract.to_sparse(model, (3, 16, 16))
-    monkeypatch.setattr(_compose, "_MAX_PATHS", 0)
-    B = opextract.to_sparse(model, (3, 16, 16))
-    assert_close(A, B)
-    assert_close(A, forward_matrix(model, (3, 16, 16)))
+@pytest.mark.parametrize(
+    "strategy", ["composed-kernels", "representative-rows", "generic"]
+)
+def test_every_product_strategy_matches_forward(strategy, monkeypatch):
+    if strategy != "composed-kernels":
+        monkeypatch.setattr(_compose, "_MAX_CONTRACTION", 0)
+    if strategy == "generic":
+        monkeypatch.setattr(_compose, "_MAX_PATHS", 0)
+    for name in ("d_ab-small", "ds", "circular-dilated-groups", "two-upsamplings"):
+        model = CASES[name]().double()
+        shape = (1, 2, 2) if name == "ds" else (3, 16, 16)
+        assert_close(opextract.to_sparse(model, shape), forward_matrix(model, shape))
 
 
 def test_network_d_has_363_nonzero_columns():
