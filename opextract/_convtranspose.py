@@ -63,7 +63,7 @@ def conv_transpose_matrix(
 
     Parameters
     ----------
-    weight : ndarray or torch.Tensor of shape (C_in, C_out / groups, *kernel_size)
+    weight : ndarray or torch.Tensor of shape (C_in, C_out / groups, k_1, ..., k_d)
         Transposed-convolution weight (PyTorch's layout); the number of kernel
         axes (1, 2 or 3) selects the dimension.
     in_shape : tuple of int

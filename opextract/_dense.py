@@ -20,6 +20,7 @@ from torch import nn
 from opextract._errors import UnsupportedLayerError
 from opextract._registry import BuildContext, LayerMatrix, register
 from opextract._separable import diagonal, index_dtype
+from opextract._validate import check_bytes, csr_bytes
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -45,6 +46,8 @@ def _linear(module: nn.Linear, in_shape, ctx: BuildContext) -> LayerMatrix:
     # Block-diagonal I_lead (x) W, written straight into CSR: row (b, o) holds
     # W[o, :] in columns b*n_in ... b*n_in + n_in - 1.
     nnz = lead * n_out * n_in
+    size, _ = csr_bytes(nnz, lead * n_out, lead * n_in, ctx.dtype)
+    check_bytes(size, f"the matrix of Linear at {ctx.path!r}")
     idx = index_dtype(nnz, lead * n_in)
     indptr = np.arange(0, nnz + 1, n_in, dtype=idx)
     cols = (

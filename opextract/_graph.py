@@ -896,7 +896,11 @@ def _interpolate_node(build, node, args, kwargs, deps) -> None:
                   "recompute_scale_factor", "antialias")
         if k in bound
     }  # fmt: skip
-    built = interpolate_layer(build.nodes[source].shape, ctx, **options)
+    try:
+        built = interpolate_layer(build.nodes[source].shape, ctx, **options)
+    except (UnsupportedLayerError, ValueError) as exc:
+        raise type(exc)(f"graph node {node.name!r} ({node.op} {_target_name(node)}): "
+                        f"{exc}") from exc  # fmt: skip
     build.add_layer(node, source, built, "interpolate", node.name)
 
 

@@ -15,6 +15,8 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from opextract._validate import check_bytes, csr_bytes
+
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -121,6 +123,8 @@ def kron_csr(n_channels: int, axes: list[sp.csr_array], dtype) -> sp.csr_array:
     row_nnz = np.multiply.outer(np.multiply.outer(counts[0], counts[1]), counts[2])
     per_channel = int(row_nnz.sum())
     nnz = n_channels * per_channel
+    size, _ = csr_bytes(nnz, n_rows, n_cols, dtype)
+    check_bytes(size, f"a pooling or interpolation matrix ({n_rows} x {n_cols})")
     idx = index_dtype(nnz, n_rows, n_cols)
     indptr = np.zeros(n_rows + 1, dtype=idx)
     np.cumsum(np.tile(row_nnz.ravel(), n_channels), out=indptr[1:])

@@ -365,6 +365,9 @@ REFUSALS = [
      "divides by an input-dependent tensor"),
     (lambda: _module(lambda m, x: F.dropout(x, 0.5, training=True)),
      UnsupportedLayerError, "training mode"),
+    (lambda: _module(lambda m, x: F.interpolate(x, scale_factor=2, mode="bilinear",
+                                                antialias=True)),
+     UnsupportedLayerError, r"graph node 'interpolate' .*antialias=True"),
     (lambda: _module(lambda m, x: x.sum(dim=1)), UnsupportedLayerError,
      r"graph node 'sum_1' \(call_method sum\): .*no exact linear matrix"),
     (lambda: _module(lambda m, x: m.k(x) + 0 * x, k=_Counter()), UnsupportedLayerError,
@@ -382,7 +385,8 @@ REFUSALS = [
     ids=["product", "sigmoid", "softmax", "relu-without-at", "inplace-reused",
          "control-flow", "cat-batch", "view-flat", "permute-batch", "pad-value",
          "pad-reflect", "two-inputs", "tuple-output", "broadcast", "reciprocal",
-         "dropout-train", "reduction", "python-state", "too-small", "channels"],
+         "dropout-train", "antialias", "reduction", "python-state", "too-small",
+         "channels"],
 )  # fmt: skip
 def test_graph_refusals(make, error, match):
     with pytest.raises(error, match=match):

@@ -308,3 +308,14 @@ def test_conv_transpose_matrix_refusals(kwargs, match):
 def test_layer_refusals(layer, shape, error, match):
     with pytest.raises(error, match=match):
         opextract.to_sparse(layer, shape, bias="ignore")
+
+
+def test_memory_budget_is_checked_before_allocation():
+    from opextract import OperatorTooLargeError
+
+    layer = nn.Upsample(scale_factor=4, mode="bilinear")
+    with pytest.raises(OperatorTooLargeError, match=r"interpolation matrix .*bytes"):
+        opextract.to_sparse(layer, (64, 32, 32), max_bytes=10**6)
+    layer = nn.ConvTranspose2d(64, 64, 4, stride=2, padding=1, bias=False)
+    with pytest.raises(OperatorTooLargeError, match=r"transposed-convolution .*bytes"):
+        opextract.to_sparse(layer, (64, 16, 16), max_bytes=10**6)
