@@ -82,15 +82,9 @@ def as_operator(
         if obj.dtype.kind not in "fc":
             obj = obj.astype(np.float64)
         dtype = obj.dtype
-    elif isinstance(operator, np.ndarray) or np.isscalar(operator) is False:
-        try:
-            obj = np.asarray(operator)
-        except Exception as exc:  # pragma: no cover - exotic input
-            raise TypeError(
-                f"{name} must be an ndarray, a scipy sparse matrix, a torch "
-                f"tensor or a LinearOperator; got {type(operator).__name__}"
-            ) from exc
-        if obj.dtype.kind not in "fciub":
+    else:
+        obj = np.asarray(operator) if not isinstance(operator, (str, bytes)) else None
+        if obj is None or obj.dtype.kind not in "fciub":
             raise TypeError(
                 f"{name} must be an ndarray, a scipy sparse matrix, a torch "
                 f"tensor or a LinearOperator; got {type(operator).__name__}"
@@ -99,11 +93,6 @@ def as_operator(
         if obj.dtype.kind not in "fc":
             obj = obj.astype(np.float64)
         dtype = obj.dtype
-    else:
-        raise TypeError(
-            f"{name} must be an ndarray, a scipy sparse matrix, a torch tensor "
-            f"or a LinearOperator; got {type(operator).__name__}"
-        )
 
     shape = tuple(int(s) for s in obj.shape)
     if len(shape) != 2 or min(shape) < 1:
