@@ -211,7 +211,7 @@ def conv_matrix(
 
     Parameters
     ----------
-    weight : ndarray or torch.Tensor of shape (C_out, C_in / groups, *kernel_size)
+    weight : ndarray or torch.Tensor of shape (C_out, C_in / groups, k_1, ..., k_d)
         Convolution weight; the number of kernel axes (1, 2 or 3) selects the
         dimension.
     in_shape : tuple of int
