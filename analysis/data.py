@@ -75,6 +75,7 @@ def check_images(
     value_range: tuple[float, float] | None = (0.0, 1.0),
     on_range: str = "warn",
     name: str = "images",
+    stacklevel: int = 2,
 ) -> np.ndarray:
     """Validate a stack of images and return it as a float ndarray.
 
@@ -92,6 +93,9 @@ def check_images(
         whole stack into the range, raise ``ValueError``, or nothing.
     name : str, default "images"
         Parameter name used in messages.
+    stacklevel : int, default 2
+        Passed to :func:`warnings.warn`, so that callers that validate on a
+        user's behalf make the warning point at the user's line.
 
     Returns
     -------
@@ -155,7 +159,7 @@ def check_images(
             if on_range == "error":
                 raise ValueError(message)
             if on_range == "warn":
-                warnings.warn(message, OpextractWarning, stacklevel=2)
+                warnings.warn(message, OpextractWarning, stacklevel=stacklevel)
             else:
                 span = xmax - xmin
                 x = (x - xmin) / span * (hi - lo) + lo if span > 0 else x * 0 + lo

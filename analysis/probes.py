@@ -206,7 +206,7 @@ def memorization_probe(
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     shape = getattr(model, "input_shape", None)
-    X = check_images(train_images, input_shape=shape, name="train_images")
+    X = check_images(train_images, input_shape=shape, name="train_images", stacklevel=3)
     if shape is None:
         shape = X.shape[1:]
     P = check_images(

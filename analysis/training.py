@@ -470,44 +470,78 @@ def train(
     >>> history.losses[-1] < history.losses[0]
     True
     """
+    if num_threads is not None and (
+        isinstance(num_threads, bool)
+        or int(num_threads) != num_threads
+        or num_threads < 1
+    ):
+        raise ValueError(
+            f"num_threads must be a positive integer or None; got {num_threads!r}"
+        )
+    previous_threads = torch.get_num_threads()
     if num_threads is not None:
-        if (
-            isinstance(num_threads, bool)
-            or int(num_threads) != num_threads
-            or (num_threads < 1)
-        ):
-            raise ValueError(
-                f"num_threads must be a positive integer or None; got {num_threads!r}"
-            )
-        previous = torch.get_num_threads()
         torch.set_num_threads(int(num_threads))
-        try:
-            return train(
-                model,
-                images,
-                lr=lr,
-                optimizer=optimizer,
-                max_iter=max_iter,
-                tol=tol,
-                device=device,
-                seed=seed,
-                batch_size=batch_size,
-                dtype=dtype,
-                target_loss=target_loss,
-                checkpoint=checkpoint,
-                progress=progress,
-                max_epochs=max_epochs,
-                window=window,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                checkpoint_every=checkpoint_every,
-                resume=resume,
-                callback=callback,
-                on_range=on_range,
-            )
-        finally:
-            torch.set_num_threads(previous)
+    try:
+        model, history = _train(
+            model,
+            images,
+            lr=lr,
+            optimizer=optimizer,
+            max_iter=max_iter,
+            tol=tol,
+            device=device,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            target_loss=target_loss,
+            checkpoint=checkpoint,
+            progress=progress,
+            max_epochs=max_epochs,
+            window=window,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            callback=callback,
+            on_range=on_range,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    if history.stop_reason == "nonfinite_loss":
+        warnings.warn(
+            f"training stopped at iteration {history.iterations}: the loss is "
+            f"{history.losses[-1]}; lower lr (got {lr}) or the initialization scale",
+            OpextractWarning,
+            stacklevel=2,
+        )
+    return model, history
 
+
+def _train(
+    model,
+    images,
+    *,
+    lr,
+    optimizer,
+    max_iter,
+    tol,
+    device,
+    seed,
+    batch_size,
+    dtype,
+    target_loss,
+    checkpoint,
+    progress,
+    max_epochs,
+    window,
+    momentum,
+    weight_decay,
+    checkpoint_every,
+    resume,
+    callback,
+    on_range,
+):
+    """:func:`train` without the thread setting and the warning."""
     _check_options(
         lr,
         optimizer,
@@ -524,7 +558,10 @@ def train(
     dtype_name = _dtype_name(dtype)
     dev = resolve_device(device)
     input_shape = getattr(model, "input_shape", None)
-    x_np = check_images(images, input_shape=input_shape, on_range=on_range)
+    # stacklevel: check_images <- _train <- train <- the user's call.
+    x_np = check_images(
+        images, input_shape=input_shape, on_range=on_range, stacklevel=4
+    )
     x = torch.as_tensor(x_np).to(device=dev, dtype=_DTYPES[dtype_name])
     n = x.shape[0]
     if batch_size is not None and batch_size > n:
@@ -667,13 +704,6 @@ def train(
     history.device = str(dev)
     with torch.no_grad():
         history.final_loss = float(F.mse_loss(model(x), x))
-    if reason == "nonfinite_loss":
-        warnings.warn(
-            f"training stopped at iteration {it}: the loss is {losses[-1]}; "
-            f"lower lr (got {lr}) or the initialization scale",
-            OpextractWarning,
-            stacklevel=2,
-        )
     if ckpt_path is not None:
         save()
     logger.info("stopped after %d iterations: %s", it, reason)

@@ -261,7 +261,7 @@ def test_callback_stop_and_float64():
 
 
 def test_nonfinite_loss_stops_with_warning():
-    with pytest.warns(OpextractWarning, match="the loss is (inf|nan)"):
+    with pytest.warns(OpextractWarning, match="the loss is (inf|nan)") as record:
         _, history = train(
             models.ds(scale=20.0, seed=0),
             data.basis_2x2([0]),
@@ -271,6 +271,7 @@ def test_nonfinite_loss_stops_with_warning():
             **FAST,
         )
     assert history.stop_reason == "nonfinite_loss"
+    assert record[0].filename == __file__
     assert history.iterations < 200
 
 
@@ -369,5 +370,6 @@ def test_bad_images():
     bad[0, 0, 0, 1] = np.inf
     with pytest.raises(ValueError, match="images must be finite"):
         train(models.ds(), bad, **FAST)
-    with pytest.warns(OpextractWarning, match=r"values in \[0, 1\]"):
+    with pytest.warns(OpextractWarning, match=r"values in \[0, 1\]") as record:
         train(models.ds(), 2 * data.basis_2x2([0]), max_iter=1, **FAST)
+    assert record[0].filename == __file__  # points at the caller
