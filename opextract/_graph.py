@@ -563,6 +563,8 @@ _STRUCTURAL_METHODS = {
     "unbind",
     "clone",
 }
+_CONSTANT_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
+_CAST_METHODS = {"to", "float", "double", "type_as", "cpu", "cuda"}
 _SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub,
                   torch.sub, torch.subtract}  # fmt: skip
 _SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.multiply,
@@ -741,7 +743,7 @@ def _linear_node(build: _Build, node: fx.Node, args, kwargs, deps) -> None:
     if (
         node.op == "call_function"
         and target is getattr
-        and args[1] in ("shape", "ndim")
+        and args[1] in _CONSTANT_ATTRIBUTES
     ):
         return
     if node.op == "call_function" and target is operator.getitem:
@@ -813,6 +815,13 @@ def _linear_node(build: _Build, node: fx.Node, args, kwargs, deps) -> None:
             return
         if target in _STRUCTURAL_METHODS:
             _structural(build, node, args, kwargs, deps)
+            return
+        if target in _CAST_METHODS and node.args[0] is deps[0] and len(deps) == 1:
+            if not value.is_floating_point():
+                raise build.error(node, f"casts the signal to {value.dtype}")
+            # A cast to another floating dtype or device keeps the values (the
+            # operator is computed in float64 anyway): the identity.
+            _select(build, node, deps[0], lambda x: x)
             return
     raise build.error(
         node,

@@ -240,7 +240,7 @@ class _KitchenSink(nn.Module):
             torch.cat((d, e, x.flip(-1), F.pixel_shuffle(g.repeat(1, 1, 1, 2), 2)), 1)
             / 3.0
         )
-        out += torch.roll(out, 1, dims=2)  # in place, nothing reads out again
+        out += torch.roll(out, 1, dims=2).to(x.dtype)  # in place, out not read again
         return torch.transpose(out, 2, 3) - F.dropout(out, 0.5, training=False)
 
 
@@ -368,6 +368,10 @@ REFUSALS = [
     (lambda: _module(lambda m, x: F.interpolate(x, scale_factor=2, mode="bilinear",
                                                 antialias=True)),
      UnsupportedLayerError, r"graph node 'interpolate' .*antialias=True"),
+    (lambda: _module(lambda m, x: x.long()), UnsupportedLayerError,
+     r"graph node 'long' .*no exact linear matrix"),
+    (lambda: _module(lambda m, x: x.to(torch.int32)), UnsupportedLayerError,
+     r"graph node 'to' .*casts the signal to torch.int32"),
     (lambda: _module(lambda m, x: x.sum(dim=1)), UnsupportedLayerError,
      r"graph node 'sum_1' \(call_method sum\): .*no exact linear matrix"),
     (lambda: _module(lambda m, x: m.k(x) + 0 * x, k=_Counter()), UnsupportedLayerError,
@@ -385,8 +389,8 @@ REFUSALS = [
     ids=["product", "sigmoid", "softmax", "relu-without-at", "inplace-reused",
          "control-flow", "cat-batch", "view-flat", "permute-batch", "pad-value",
          "pad-reflect", "two-inputs", "tuple-output", "broadcast", "reciprocal",
-         "dropout-train", "antialias", "reduction", "python-state", "too-small",
-         "channels"],
+         "dropout-train", "antialias", "long", "cast-int", "reduction",
+         "python-state", "too-small", "channels"],
 )  # fmt: skip
 def test_graph_refusals(make, error, match):
     with pytest.raises(error, match=match):
