@@ -612,45 +612,52 @@ def _index_source(value: torch.Tensor) -> torch.Tensor:
     return torch.arange(1, n + 1, dtype=torch.int64).reshape(value.shape)
 
 
-def _batch_moved(fn, args, kwargs) -> bool:
-    """True when a permuting op moves the batch axis (it must stay first)."""
+# Where the axis argument of an op sits among the arguments after the tensor,
+# its keyword name and its default; None as default means "all axes".
+_AXIS_ARGUMENT = {
+    "flip": (0, "dims", None),
+    "narrow": (0, "dim", 0),
+    "unflatten": (0, "dim", 0),
+    "squeeze": (0, "dim", None),
+    "unsqueeze": (0, "dim", 0),
+    "flatten": (0, "start_dim", 0),
+    "roll": (1, "dims", None),
+    "chunk": (1, "dim", 0),
+    "split": (1, "dim", 0),
+    "unbind": (0, "dim", 0),
+}
+
+
+def _batch_moved(fn, args, kwargs, ndim: int) -> bool:
+    """True when an op that moves entries would touch the batch axis (dim 0)."""
     name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
     rest = args[1:]
+
+    def touches(dims, n=ndim) -> bool:
+        dims = dims if isinstance(dims, (tuple, list)) else [dims]
+        return any(int(d) % n == 0 for d in dims)
+
     if name == "permute":
         dims = (
             rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
         )
         dims = kwargs.get("dims", dims)
-        return int(dims[0]) != 0
+        return int(dims[0]) % ndim != 0
     if name in ("transpose", "swapaxes", "movedim"):
         a = rest[0] if rest else kwargs.get("dim0", kwargs.get("source"))
         b = rest[1] if len(rest) > 1 else kwargs.get("dim1", kwargs.get("destination"))
-        dims = [a, b] if isinstance(a, int) else list(a) + list(b)
-        return any(int(d) == 0 for d in dims)
+        return touches(a) or touches(b)
     if name == "getitem":
         key = rest[0]
         first = key[0] if isinstance(key, tuple) and key else key
-        return not (first is Ellipsis or first == slice(None))
-    if name in ("flip", "roll", "narrow", "chunk", "split", "unbind", "unflatten",
-                "squeeze", "unsqueeze", "flatten"):  # fmt: skip
-        dims = kwargs.get("dims", kwargs.get("dim", None))
+        keeps = first is Ellipsis or (isinstance(first, slice) and first == slice(None))
+        return not keeps
+    if name in _AXIS_ARGUMENT:
+        position, keyword, default = _AXIS_ARGUMENT[name]
+        dims = rest[position] if len(rest) > position else kwargs.get(keyword, default)
         if dims is None:
-            position = {"flip": 0, "narrow": 0, "unflatten": 0, "squeeze": 0,
-                        "unsqueeze": 0, "flatten": 0, "roll": 1, "chunk": 1,
-                        "split": 1, "unbind": 0}[name]  # fmt: skip
-            dims = rest[position] if len(rest) > position else None
-            if name == "flatten":
-                dims = rest[0] if rest else kwargs.get("start_dim", 0)
-            if name == "unbind" and not rest:
-                dims = kwargs.get("dim", 0)
-            if name in ("chunk", "split") and len(rest) < 2:
-                dims = kwargs.get("dim", 0)
-            if name == "roll" and len(rest) < 2:
-                return True  # roll without dims rolls the flattened batch too
-            if name == "squeeze" and not rest:
-                return True  # squeeze() drops the batch axis of size 1
-        dims = dims if isinstance(dims, (tuple, list)) else [dims]
-        return any(d is not None and int(d) == 0 for d in dims)
+            return True  # every axis, the batch axis included
+        return touches(dims, ndim + 1 if name == "unsqueeze" else ndim)
     return False
 
 
@@ -1038,7 +1045,7 @@ def _structural(build, node, args, kwargs, deps) -> None:
         pad = bound["pad"]
         if len(pad) > 2 * (build.values[dep].dim() - 1):
             raise build.error(node, "pads the batch axis")
-    elif _batch_moved(node.target, args, kwargs):
+    elif _batch_moved(node.target, args, kwargs, build.values[dep].dim()):
         raise build.error(node, "moves, splits or drops the batch axis (dim 0)")
 
     def apply(idx):
