@@ -48,7 +48,7 @@ def _tuple(value, nd: int, name: str) -> tuple[int, ...]:
 
 
 def conv_transpose_matrix(
-    weight,
+    weight: np.ndarray | torch.Tensor,
     in_shape: tuple[int, ...],
     *,
     stride=1,

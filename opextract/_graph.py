@@ -110,9 +110,34 @@ class FactorGraph:
     Evaluating the nodes in order on a flattened input (:meth:`evaluate`)
     gives the network's linear part (its local linear part when built with
     ``at``); :meth:`to_sparse` multiplies the factors out and equals it.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from torch import nn
+    >>> import opextract
+    >>> class Residual(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+    ...     def forward(self, x):
+    ...         return x + self.conv(x)
+    >>> graph = opextract.factors(Residual(), (2, 3, 3))
+    >>> [(node.op, node.target, node.inputs) for node in graph.nodes]
+    [('input', 'x', ()), ('layer', 'conv', (0,)), ('sum', 'add', (0, 1))]
+    >>> x = np.random.default_rng(0).standard_normal(18)
+    >>> bool(np.allclose(graph.evaluate(x), graph.to_sparse() @ x))
+    True
     """
 
-    def __init__(self, nodes, output, in_shape, out_shape, dtype):
+    def __init__(
+        self,
+        nodes: list[GraphNode],
+        output: int,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        dtype,
+    ) -> None:
         self.nodes: list[GraphNode] = nodes
         self.output: int = output
         self.in_shape = tuple(in_shape)
@@ -176,7 +201,9 @@ class FactorGraph:
         out = values[self.output]
         return out.ravel() if vector else out
 
-    def to_sparse(self, layout: str = "compact", max_bytes: int | None = None):
+    def to_sparse(
+        self, layout: str = "compact", max_bytes: int | None = None
+    ) -> sp.csr_array:
         """The operator of the graph: one ``csr_array`` of shape (n_out, n_in).
 
         Parameters
