@@ -128,6 +128,10 @@ def test_graph_layouts_and_linear_operator():
     E = opextract.padding_embedding(shape)
     assert_close(P, E @ A @ E.T)
 
+    A32 = opextract.to_sparse(model, shape, dtype=np.float32)
+    assert A32.dtype == np.float32
+    assert_close(A32, A, dtype=np.float32)
+
     op = opextract.as_linear_operator(model, shape)
     v = np.random.default_rng(0).standard_normal(64)
     assert_close(op.matvec(v), A @ v)
