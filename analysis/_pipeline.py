@@ -205,8 +205,9 @@ def analysis_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword options of the memorization report from ``[analysis]``."""
     a = cfg["analysis"]
     options = {"layout": a["layout"], "delta": a["delta"]}
-    if a.get("k") is not None:
-        options["k"] = a["k"]
+    for key in ("k", "rtol"):
+        if a.get(key) is not None:
+            options[key] = a[key]
     return options
 
 
@@ -216,7 +217,10 @@ def report_row(report: Any) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, bool | int | float | str) or value is None:
-            row[key] = value
+            row["report_seconds" if key == "seconds" else key] = value
+    w = getattr(report, "eigenvalues", None)
+    if w is not None:
+        row["top_moduli"] = [round(float(abs(x)), 6) for x in np.asarray(w)[:8]]
     return row
 
 

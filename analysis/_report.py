@@ -325,13 +325,21 @@ def analyse_and_write(
 
 def figure_sections(out: Path, model, images, shape, cfg, report, prefix: str = ""):
     """Spectrum, eigenvector and input/output figures for one model."""
-    import opextract
-    from analysis import data, eigs
+    from analysis import data
 
-    A = opextract.to_sparse(model, shape)
-    n = A.shape[0]
-    k = min(n, cfg["analysis"].get("k") or 64)
-    w, v = eigs(A, k)
+    w = np.asarray(report.eigenvalues)
+    v = report.eigenvectors
+    if v is None:
+        import opextract
+        from analysis import eigs
+
+        A = opextract.to_sparse(model, shape, layout=report.layout)
+        w, v = eigs(A, len(w))
+    if report.layout == "padded":
+        from analysis import eigenvector_images
+
+        imgs = eigenvector_images(v, shape, layout="padded")  # (k, 2, C, H, W)
+        v = (imgs[:, 0] + 1j * imgs[:, 1]).reshape(len(imgs), -1).T
     sections = []
     f1 = save_figure(
         plot_moduli(w, f"top {len(w)} eigenvalue moduli"), out / f"{prefix}moduli.png"

@@ -223,8 +223,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
         ),
         "rtol": _o(
             "float",
-            1e-6,
-            "relative tolerance of numerical ranks",
+            None,
+            "relative tolerance of the numerical rank (report default 1e-2)",
             minimum=0,
             exclusive_minimum=True,
         ),

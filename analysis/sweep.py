@@ -189,6 +189,7 @@ def _execute(job: JobFunction | str, config: dict, run_dir: str, threads: int) -
         import torch
 
         torch.set_num_threads(threads)
+        config = _place_on_gpu(config)
         if isinstance(job, str):
             module, _, name = job.partition(":")
             job = getattr(importlib.import_module(module), name)
@@ -206,6 +207,29 @@ def _execute(job: JobFunction | str, config: dict, run_dir: str, threads: int) -
         )
     record["seconds"] = time.perf_counter() - started
     return record
+
+
+def _place_on_gpu(config: dict) -> dict:
+    """Spread plain "cuda" jobs over the GPUs a worker sees, by worker name.
+
+    Workers of a local cluster are named 0, 1, ...; worker i uses GPU
+    i mod (number of GPUs). A worker that sees one GPU (CUDA_VISIBLE_DEVICES
+    set per worker, as on SLURM) always uses it.
+    """
+    if config["train"]["device"] != "cuda":
+        return config
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return config
+    n = torch.cuda.device_count()
+    if n > 1 and isinstance(name, int):
+        config = merge_overrides(config, {"train.device": f"cuda:{name % n}"})
+    return config
 
 
 def _open_client(scheduler: str | None, n_workers: int, gpu: bool):
