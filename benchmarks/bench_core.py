@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_core.py            # everything (~3 min)
-    .venv/bin/python benchmarks/bench_core.py --no-network --no-cold
+    .venv/bin/python benchmarks/bench_core.py --no-conv --no-cold   # network only
 
 Every row is measured in this process, so ratios compare like with like.
 Conv layers are 3x3 with padding 1; the builder is ``opextract.conv_matrix``
@@ -207,6 +207,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-network", action="store_true")
+    parser.add_argument("--no-conv", action="store_true", help="skip the layer table")
     parser.add_argument(
         "--no-baseline", action="store_true", help="skip the identity-basis forward"
     )
@@ -227,7 +228,8 @@ def main():
         print(f"first to_sparse call, fresh interpreter, empty Numba cache: "
               f"{cold_compile_seconds():.1f} s (import and compile)")  # fmt: skip
     print()
-    conv_table(args.repeats)
+    if not args.no_conv:
+        conv_table(args.repeats)
     if not args.no_network:
         network_table(not args.no_baseline)
 

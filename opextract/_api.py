@@ -319,10 +319,13 @@ def to_sparse(
 
     Notes
     -----
-    The product order is planned from sampled row counts (see the
-    performance page of the documentation): expanding one-entry-per-row
-    factors are folded into the next factor, the chain is split where the
-    estimated work is least, and products that fill in are taken dense.
+    Nearest upsamplings are fused into the convolution after them, the chain
+    is split at its narrowest point, each side of a chain of convolutions is
+    composed as one kernel, and only one row per class of translation-equal
+    rows is multiplied out (see the performance page of the documentation).
+    Other chains are multiplied in an order planned from sampled row counts.
+    The factors of :func:`factors` are not fused; their product is the same
+    matrix.
 
     Examples
     --------

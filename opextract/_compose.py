@@ -1,19 +1,25 @@
-"""Fast products of a chain of sparse factors.
+"""Fast products of a chain of factors: the composition behind ``to_sparse``.
 
-The order of the products decides the cost: in a downsampling autoencoder
-the product taken from the input side through the upsampling is hundreds of
-times dearer than the same product split at the bottleneck. So:
+The order of the products decides the cost: in a downsampling autoencoder the
+product taken from the input side through the upsampling is hundreds of times
+dearer than the same product split at the bottleneck. ``compose_chain``:
 
-1. A factor with exactly one entry per row and more rows than columns (a
-   nearest upsampling, a replication) is folded into the factor after it,
-   which costs one pass over that factor and removes the wide intermediate.
-2. The average row count of every partial product is estimated by pushing a
-   few sampled rows through the chain; a matrix-chain dynamic programme then
-   picks the order of least estimated work.
-3. Each product runs in a Numba kernel, parallel over rows: sparse into CSR,
-   sparse into a dense array when the result fills in (estimated density
-   above ``DENSE_FILL``), or one BLAS product when both sides are dense
-   enough that BLAS's speed outweighs the skipped zeros.
+1. splits the chain at its narrowest point (nearest upsamplings were already
+   fused into the convolution after them by the chain walk);
+2. composes each side of a translation-structured chain (convolutions,
+   nearest upsamplings) as one kernel, kept as row templates
+   (``compose_kernels``); if that is too costly, multiplies representative
+   rows or columns and stamps the others as shifted copies
+   (``structured_product``); otherwise multiplies generically (``compose``);
+3. multiplies only the representative rows of the whole operator, by BLAS
+   when that is cheaper than the sparse product, and stamps the rest.
+
+The generic path folds one-entry-per-row expanding factors into the next
+factor, estimates the row counts of partial products from sampled rows and
+picks the product order by a matrix-chain dynamic programme. Products run in
+Numba kernels parallel over rows: sparse into exactly allocated CSR (two
+passes), sparse into a dense array when the result fills in (estimated
+density above ``DENSE_FILL``), or BLAS when both sides are dense enough.
 """
 
 from __future__ import annotations
@@ -205,7 +211,7 @@ def _row_estimates(matrices, rng) -> np.ndarray:
     return r
 
 
-def _plan(matrices, r, itemsize):
+def _plan(matrices, r):
     """Matrix-chain order of least estimated cost; returns split and method."""
     n = len(matrices)
     rows = [m.shape[0] for m in matrices]
@@ -265,7 +271,7 @@ def compose(matrices: list[sp.csr_array], *, seed: int = 0) -> sp.csr_array:
     dtype = mats[0].dtype
     size, _ = csr_bytes(est_nnz, n_rows, n_cols, dtype)
     check_bytes(size, f"the operator ({n_rows} x {n_cols}, about {est_nnz} nonzeros)")
-    split, method, cost = _plan(mats, r, dtype.itemsize)
+    split, method, cost = _plan(mats, r)
     logger.debug("composition plan: estimated cost %.3g multiply-adds", cost[0, -1])
 
     def evaluate(i: int, j: int):

@@ -78,21 +78,25 @@ def _axis_taps(n_in, k, stride, pad_left, dilation, n_out, mode, source=None):
     if source is not None:
         pos = np.where(valid, source[np.clip(pos, 0, n_in - 1)], 0)
 
-    ng = np.zeros(n_out, dtype=np.int64)
+    # Sort each output position's taps by input position (invalid ones last),
+    # then mark the first tap of every run of equal positions.
+    big = np.iinfo(np.int64).max
+    keyed = np.where(valid, pos, big)
+    order = np.argsort(keyed, axis=1, kind="stable")
+    sorted_pos = np.take_along_axis(keyed, order, axis=1)
+    n_valid = valid.sum(axis=1)
+    starts = sorted_pos != big
+    starts[:, 1:] &= sorted_pos[:, 1:] != sorted_pos[:, :-1]
+    ng = starts.sum(axis=1).astype(np.int64)
+    group = np.cumsum(starts, axis=1) - 1
+    rows, cols = np.nonzero(starts)
     col = np.zeros((n_out, k), dtype=np.int64)
-    gs = np.zeros((n_out, k + 1), dtype=np.int64)
-    tap = np.zeros((n_out, k), dtype=np.int64)
-    for i in range(n_out):
-        taps = np.flatnonzero(valid[i])
-        order = np.argsort(pos[i, taps], kind="stable")
-        taps = taps[order]
-        cols = pos[i, taps]
-        distinct, starts = np.unique(cols, return_index=True)
-        ng[i] = len(distinct)
-        col[i, : len(distinct)] = distinct
-        gs[i, : len(distinct)] = starts
-        gs[i, len(distinct) :] = len(cols)
-        tap[i, : len(cols)] = taps
+    col[rows, group[rows, cols]] = sorted_pos[rows, cols]
+    gs = np.repeat(n_valid[:, None], k + 1, axis=1).astype(np.int64)
+    gs[rows, group[rows, cols]] = cols
+    # ``order`` holds the kernel offsets in position order; pad with zeros.
+    tap = np.where(np.arange(k)[None, :] < n_valid[:, None], order, 0)
+    tap = tap.astype(np.int64)
     return ng, col, gs, tap
 
 
