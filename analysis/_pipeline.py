@@ -148,7 +148,13 @@ def train_from_config(cfg: Mapping[str, Any], *, progress: bool | None = None):
         if t.get(key) is not None:
             options[key] = t[key]
     started = time.perf_counter()
-    model, history = analysis.train(model, images, **options)
+    before = torch.get_num_threads()
+    if t.get("threads") is not None:
+        torch.set_num_threads(t["threads"])
+    try:
+        model, history = analysis.train(model, images, **options)
+    finally:
+        torch.set_num_threads(before)
     return model, images, history, time.perf_counter() - started
 
 

@@ -212,6 +212,7 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "int", None, "mini-batch size (full batch when unset)", minimum=1
         ),
         "progress": _o("bool", True, "show a progress bar"),
+        "threads": _o("int", None, "torch threads while training", minimum=1),
     },
     "analysis": {
         "layout": _o(

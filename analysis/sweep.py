@@ -57,7 +57,12 @@ JobFunction = Callable[[dict, str], dict]
 
 # Options that change how a job runs but not what it computes: left out of
 # the job's identity so that, say, switching progress bars off does not rerun it.
-_NOT_IDENTITY = {("train", "progress"), ("output", "dir"), ("output", "figures")}
+_NOT_IDENTITY = {
+    ("train", "progress"),
+    ("train", "threads"),
+    ("output", "dir"),
+    ("output", "figures"),
+}
 
 _FIRST_COLUMNS = ["job_id", "status"]
 _LAST_COLUMNS = ["host", "seconds", "error"]

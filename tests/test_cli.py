@@ -188,3 +188,53 @@ def test_unexpected_errors_are_one_line_unless_debug(capsys, monkeypatch):
     )
     with pytest.raises(RuntimeError, match="something broke"):
         main(["--debug", "render", "x"])
+
+
+def test_train_then_every_analysis_command(capsys, tmp_path):
+    """DS end to end: train, export, spectrum, report, ablate, render."""
+    import h5py
+    import numpy as np
+
+    from analysis.config import load_config
+
+    run_dir = tmp_path / "ds"
+    argv = [
+        "train", "ds_default", "--out", str(run_dir), "--no-progress",
+        "--train-lr", "0.01", "--train-max-iter", "400",
+    ]  # fmt: skip
+    status, out, err = run(argv, capsys)
+    assert status == 0, err
+    assert "Memorization report" in out and "verdict" in out
+    for name in ("model.pt", "result.h5", "config.toml", "history.json",
+                 "report.json", "report.md", "report.html", "moduli.png"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    saved = load_config(run_dir / "config.toml")
+    assert saved["train"]["lr"] == 0.01 and saved["model"]["name"] == "ds"
+    assert saved["analysis"]["rtol"] == 0.05  # from the bundled file
+
+    status, out, err = run(["export", str(run_dir), "--layout", "padded"], capsys)
+    assert status == 0, err
+    assert "operator 16 x 16" in out
+    with h5py.File(run_dir / "operator.h5") as f:
+        assert f.attrs or list(f)
+
+    status, out, err = run(["spectrum", str(run_dir), "-k", "4"], capsys)
+    assert status == 0, err
+    moduli = [float(line.split()[1]) for line in out.splitlines()[2:6]]
+    assert abs(moduli[0] - 1) < 0.05 and moduli[1] < 0.05  # rank-1 point map
+    assert moduli == sorted(moduli, reverse=True)
+
+    status, out, err = run(["report", str(run_dir), "--json"], capsys)
+    assert status == 0, err
+    report = __import__("json").loads(out)
+    assert report["span_dim"] == 1 and report["n_near_one"] == 1
+
+    status, out, err = run(["ablate", str(run_dir), "--ks", "1,2"], capsys)
+    assert status == 0, err
+    assert "top 1" in out
+
+    (run_dir / "report.html").unlink()
+    status, out, err = run(["render", str(run_dir), "--format", "html"], capsys)
+    assert status == 0, err
+    assert "data:image/png;base64" in (run_dir / "report.html").read_text()
+    assert np.isfinite(report["alignment_max_residual"])

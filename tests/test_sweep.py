@@ -148,3 +148,29 @@ def test_sigkill_mid_sweep_then_resume_runs_each_job_once(tmp_path, job_env):
         assert point not in rerun
     assert sum(r["status"] == "failed" for r in rows) == 1
     assert "1 failed" in resumed.stdout
+
+
+def test_real_ds_sweep(tmp_path):
+    """The bundled tiny sweep: DS trained, exported and analysed on two workers."""
+    from analysis.config import bundled_configs
+
+    config = next(p for p in bundled_configs() if p.stem == "ds_tiny_sweep")
+    out = tmp_path / "tiny"
+    result = run_sweep(config, out, progress=False)
+    assert (result.n_run, result.n_failed) == (2, 0), [
+        r["error"] for r in result.records
+    ]
+    rows = load_results(out)
+    assert [r["data.dim"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["span_dim"] == row["data.dim"]
+        assert row["n_near_one"] == row["span_dim"]
+        assert row["numerical_rank"] == row["predicted_rank"] == row["span_dim"]
+        assert row["r_min"] == 4
+        assert row["verdict"] == "holds"
+        assert row["train_loss"] < 1e-3
+        assert row["train_seconds"] > 0 and row["analysis_seconds"] > 0
+        run_dir = out / "runs" / row["job_id"]
+        assert (run_dir / "result.h5").is_file() and (run_dir / "model.pt").is_file()
+    assert result.plot is not None and result.plot.is_file()
