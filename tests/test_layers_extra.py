@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import opextract
@@ -319,3 +321,101 @@ def test_memory_budget_is_checked_before_allocation():
     layer = nn.ConvTranspose2d(64, 64, 4, stride=2, padding=1, bias=False)
     with pytest.raises(OperatorTooLargeError, match=r"transposed-convolution .*bytes"):
         opextract.to_sparse(layer, (64, 16, 16), max_bytes=10**6)
+
+
+# ---------------------------------------------------------------------------
+# Random configurations
+
+
+@st.composite
+def _conv_transpose_case(draw):
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    c_in = groups * draw(st.integers(1, 2))
+    c_out = groups * draw(st.integers(1, 2))
+    axes = st.lists(st.integers(1, 3), min_size=nd, max_size=nd)
+    kernel, stride, dilation = draw(axes), draw(axes), draw(axes)
+    dilation = [min(d, 2) for d in dilation]
+    padding = draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd))
+    out_pad = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)]
+    size = draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd))
+    return nd, c_in, c_out, kernel, stride, padding, out_pad, dilation, groups, size
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_conv_transpose_case(), seed=st.integers(0, 2**16))
+def test_random_conv_transpose_matches_torch(case, seed):
+    nd, c_in, c_out, kernel, stride, padding, out_pad, dilation, groups, size = case
+    torch.manual_seed(seed)
+    layer = getattr(nn, f"ConvTranspose{nd}d")(
+        c_in, c_out, kernel, stride, padding, out_pad, groups, bias=False,
+        dilation=dilation,
+    ).double()  # fmt: skip
+    x = torch.randn(1, c_in, *size, dtype=torch.float64)
+    try:
+        y = layer(x)
+    except RuntimeError:
+        with pytest.raises(ValueError, match="too small"):
+            opextract.to_sparse(layer, (c_in, *size))
+        return
+    A = opextract.to_sparse(layer, (c_in, *size))
+    assert_close(A @ x.reshape(-1).numpy(), y.reshape(-1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mode=st.sampled_from(["nearest", "nearest-exact", "bilinear", "bicubic", "area"]),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    out=st.one_of(
+        st.tuples(st.integers(1, 12), st.integers(1, 12)).map(lambda s: {"size": s}),
+        st.tuples(st.floats(0.4, 3.5), st.floats(0.4, 3.5)).map(
+            lambda f: {"scale_factor": tuple(round(v, 3) for v in f)}
+        ),
+    ),
+    align=st.booleans(),
+    recompute=st.booleans(),
+)
+def test_random_interpolation_matches_torch(mode, size, out, align, recompute):
+    options = dict(out, mode=mode)
+    if mode in ("bilinear", "bicubic"):
+        options["align_corners"] = align
+    if "scale_factor" in options and recompute:
+        options["recompute_scale_factor"] = True
+    x = torch.randn(1, 2, *size, dtype=torch.float64)
+    try:
+        y = F.interpolate(x, **options)
+    except RuntimeError:  # torch refuses an empty output
+        y = None
+    if y is None or y.numel() == 0:
+        with pytest.raises(ValueError, match="output size must be positive"):
+            opextract.interpolate_matrix((2, *size), **options)
+        return
+    A, out_shape = opextract.interpolate_matrix((2, *size), **options)
+    assert out_shape == tuple(y.shape[1:])
+    assert_close(A @ x.reshape(-1).numpy(), y.reshape(-1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    ceil_mode=st.booleans(),
+    count_include_pad=st.booleans(),
+    divisor=st.sampled_from([None, 3]),
+)
+def test_random_avg_pool_matches_torch(
+    kernel, stride, pad, size, ceil_mode, count_include_pad, divisor
+):
+    pad = tuple(min(p, k // 2) for p, k in zip(pad, kernel))
+    layer = nn.AvgPool2d(kernel, stride, pad, ceil_mode, count_include_pad, divisor)
+    x = torch.randn(1, 2, *size, dtype=torch.float64)
+    try:
+        y = layer(x)
+    except RuntimeError:
+        with pytest.raises(ValueError, match="too small"):
+            opextract.to_sparse(layer, (2, *size))
+        return
+    A = opextract.to_sparse(layer, (2, *size))
+    assert_close(A @ x.reshape(-1).numpy(), y.reshape(-1))
