@@ -14,7 +14,7 @@ dearer than the same product split at the bottleneck. ``compose_chain``:
 3. multiplies only the representative rows of the whole operator, by BLAS
    when that is cheaper than the sparse product, and stamps the rest.
 
-The generic path folds one-entry-per-row expanding factors into the next
+The generic path folds one-entry-per-row factors into the next
 factor, estimates the row counts of partial products from sampled rows and
 picks the product order by a matrix-chain dynamic programme. Products run in
 Numba kernels parallel over rows: sparse into exactly allocated CSR (two
@@ -136,6 +136,16 @@ def multiply(x, y, *, dense: bool = False, blas: bool = False):
     """``x @ y`` for CSR arrays or dense ndarrays, by the cheapest kernel."""
     if isinstance(x, VirtualMatrix):
         x = x.tocsr()
+    if _is_diagonal(y):
+        # A diagonal (an activation at a point) scales columns, sparse or not.
+        d = np.zeros(y.shape[1], dtype=y.dtype)
+        d[y.indices] = y.data
+        if sp.issparse(x):
+            x = sp.csr_array(x)
+            out = sp.csr_array((x.data * d[x.indices], x.indices, x.indptr), x.shape)
+            out.has_sorted_indices = x.has_sorted_indices
+            return out.toarray() if dense else out
+        return x * d[None, :]
     if isinstance(y, VirtualMatrix):
         if not dense and sp.issparse(x):
             return spgemm(x, y.tocsr())
@@ -165,12 +175,27 @@ def multiply(x, y, *, dense: bool = False, blas: bool = False):
     return out
 
 
+def _is_diagonal(m) -> bool:
+    if not sp.issparse(m) or m.shape[0] != m.shape[1]:
+        return False
+    m = sp.csr_array(m)
+    n = m.shape[0]
+    return (
+        m.nnz == n
+        and bool(np.array_equal(m.indptr, np.arange(n + 1)))
+        and bool(np.array_equal(m.indices, np.arange(n)))
+    )
+
+
 def _is_replication(m: sp.csr_array) -> bool:
-    return m.shape[0] > m.shape[1] and bool(np.all(np.diff(m.indptr) == 1))
+    # One entry per row: an upsampling, a selection (max pooling at a point)
+    # or a diagonal (an activation at a point). Multiplying it into the next
+    # factor only scales and gathers that factor's columns.
+    return bool(np.all(np.diff(m.indptr) == 1))
 
 
 def fold_replications(matrices: list[sp.csr_array]) -> list[sp.csr_array]:
-    """Fold every one-entry-per-row expanding factor into its successor."""
+    """Fold every one-entry-per-row factor into its successor."""
     out: list[sp.csr_array] = []
     pending = None
     for m in matrices:
@@ -452,7 +477,9 @@ _DENSE_ROWS_BYTES = 512 * 2**20
 def _rows_through(t: sp.csr_array, matrices) -> sp.csr_array:
     """``t @ matrices[0] @ matrices[1] @ ...`` for a few rows ``t``."""
     for m in matrices:
-        if t.shape[0] * m.shape[1] * 8 <= _DENSE_ROWS_BYTES:
+        if _is_diagonal(m):
+            t = multiply(t, m)
+        elif t.shape[0] * m.shape[1] * 8 <= _DENSE_ROWS_BYTES:
             t = multiply(t, m, dense=True)
         else:
             t = spgemm(t if sp.issparse(t) else dense_to_csr(t), as_csr(m))
@@ -581,6 +608,28 @@ def compose_kernels(layers, in_shape, out_shape):
     )
 
 
+def blocked_rows(matrices) -> sp.csr_array:
+    """``M_n @ ... @ M_1`` from the output side, by blocks of dense rows.
+
+    Each block of the last factor's rows is pushed through the chain with
+    dense accumulators (no symbolic pass, no sorting); template matrices are
+    read without being allocated. Suits the decoder side of a chain whose
+    values vary by position (a local operator), where rows cannot be copied.
+    """
+    width = max(m.shape[1] for m in matrices)
+    block = max(1, min(matrices[-1].shape[0], _DENSE_ROWS_BYTES // (8 * width)))
+    last = matrices[-1]
+    parts = []
+    for start in range(0, last.shape[0], block):
+        index = np.arange(start, min(start + block, last.shape[0]))
+        if isinstance(last, VirtualMatrix):
+            t = last.rows(index)
+        else:
+            t = sp.csr_array(last)[index]
+        parts.append(_rows_through(t, matrices[-2::-1]))
+    return sp.csr_array(sp.vstack(parts, format="csr"))
+
+
 def _final_product(left, right, seed=0):
     """``left @ right`` by sparse kernels or one BLAS product, whichever is cheaper."""
     m, k, n = left.shape[0], left.shape[1], right.shape[1]
@@ -635,6 +684,9 @@ def compose_chain(layers) -> sp.csr_array:
         result = structured_product(
             mats[lo:hi], [la.paths for la in seg], shapes[lo], shapes[hi], by=by
         )
+        if result is None and by == "rows":
+            logger.debug("layers %d..%d: dense row blocks", lo, hi - 1)
+            result = blocked_rows(mats[lo:hi])
         if result is None:
             logger.debug("layers %d..%d: generic products", lo, hi - 1)
             result = compose([as_csr(m) for m in mats[lo:hi]])
