@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
+from numpy.typing import DTypeLike
 from torch import nn
 
 from opextract import _chain, _compose
@@ -26,6 +28,11 @@ from opextract._layout import (
     to_layout,
 )
 from opextract._validate import budget, check_dtype, check_layout
+
+if TYPE_CHECKING:
+    from opextract._graph import FactorGraph
+
+ArrayOrTensor = np.ndarray | torch.Tensor
 
 BIAS_OPTIONS = ("error", "offset", "ignore")
 BACKENDS = ("auto", "factors", "sparse", "torch")
@@ -178,11 +185,11 @@ def factors(
     input_shape: tuple[int, ...],
     *,
     layout: str = "compact",
-    dtype=np.float64,
-    at=None,
+    dtype: DTypeLike = np.float64,
+    at: ArrayOrTensor | None = None,
     bias: str = "error",
     max_bytes: int | None = None,
-) -> list[Factor]:
+) -> list[Factor] | FactorGraph:
     """The layers' matrices of a network, in forward order.
 
     Parameters
@@ -274,11 +281,11 @@ def to_sparse(
     input_shape: tuple[int, ...],
     *,
     layout: str = "compact",
-    dtype=np.float64,
-    at=None,
+    dtype: DTypeLike = np.float64,
+    at: ArrayOrTensor | None = None,
     bias: str = "error",
     max_bytes: int | None = None,
-):
+) -> sp.csr_array | tuple[sp.csr_array, np.ndarray]:
     """The exact matrix of a linear (or locally linear) network.
 
     Parameters
@@ -492,8 +499,8 @@ def as_linear_operator(
     *,
     backend: str = "auto",
     layout: str = "compact",
-    dtype=np.float64,
-    at=None,
+    dtype: DTypeLike = np.float64,
+    at: ArrayOrTensor | None = None,
     max_bytes: int | None = None,
 ) -> spla.LinearOperator:
     """The network as a ``scipy.sparse.linalg.LinearOperator``.

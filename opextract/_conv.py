@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+from numpy.typing import ArrayLike, DTypeLike
 from torch import nn
 
 from opextract import _kernels
@@ -200,15 +201,15 @@ def _resolve_padding(padding, kernel, dilation, stride, nd):
 
 
 def conv_matrix(
-    weight,
+    weight: ArrayLike | torch.Tensor,
     in_shape: tuple[int, ...],
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
-    dtype=np.float64,
+    dtype: DTypeLike = np.float64,
     max_bytes: int | None = None,
 ) -> tuple[sp.csr_array, tuple[int, ...]]:
     """Matrix of a 1-, 2- or 3-D convolution (cross-correlation, as in torch).
@@ -584,15 +585,15 @@ def _build(plan: _Plan, max_bytes=None) -> tuple[sp.csr_array, tuple[int, ...]]:
 
 
 def conv2d_matrix(
-    weight,
+    weight: ArrayLike | torch.Tensor,
     in_shape: tuple[int, int, int],
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
-    dtype=np.float64,
+    dtype: DTypeLike = np.float64,
     max_bytes: int | None = None,
 ) -> tuple[sp.csr_array, tuple[int, int, int]]:
     """Matrix of a 2-D convolution; :func:`conv_matrix` restricted to 2-D.

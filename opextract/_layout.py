@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import DTypeLike
 
 from opextract._validate import check_layout, check_shape, index_dtype
 
@@ -39,7 +40,9 @@ def _padded_positions(shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(index, shape).reshape(-1)
 
 
-def padding_embedding(shape: tuple[int, ...], *, dtype=np.float64) -> sp.csr_array:
+def padding_embedding(
+    shape: tuple[int, ...], *, dtype: DTypeLike = np.float64
+) -> sp.csr_array:
     """The zero-padding embedding ``E`` from the compact to the padded layout.
 
     Parameters

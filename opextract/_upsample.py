@@ -17,6 +17,7 @@ import operator
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import DTypeLike
 from torch import nn
 
 from opextract._errors import UnsupportedLayerError
@@ -57,9 +58,9 @@ def _source_index(n_in: int, n_out: int, scale, nd: int) -> np.ndarray:
 def upsample_nearest_matrix(
     in_shape: tuple[int, ...],
     *,
-    scale_factor=None,
-    size=None,
-    dtype=np.float64,
+    scale_factor: float | tuple[float, ...] | None = None,
+    size: int | tuple[int, ...] | None = None,
+    dtype: DTypeLike = np.float64,
     max_bytes: int | None = None,
 ) -> tuple[sp.csr_array, tuple[int, ...]]:
     """Matrix of nearest-neighbour upsampling (``mode='nearest'``).
