@@ -92,7 +92,7 @@ def conv_fill_general(
                             pos += 1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def conv_templates(
     weight,
     cin_g,
@@ -119,13 +119,15 @@ def conv_templates(
     differ only by a column shift. ``tcols[combo]`` holds the relative
     columns of pattern combination ``combo = (pd * n_h + ph) * n_w + pw`` and
     ``tvals[co, combo]`` its values, weights of colliding taps summed.
+    Serial: templates hold at most a fraction of the matrix's entries, and a
+    parallel launch costs more than the work on small layers.
     """
     cout = weight.shape[0]
     h_in, w_in = in_dhw[1], in_dhw[2]
     hw = h_in * w_in
     dhw = in_dhw[0] * hw
     n_d, n_h, n_w = ngd.shape[0], ngh.shape[0], ngw.shape[0]
-    for co in prange(cout):
+    for co in range(cout):
         for pd in range(n_d):
             for ph in range(n_h):
                 for pw in range(n_w):
