@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--job", help="job function module:function (default: the DS/D pipeline)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_flags(p, _TRAIN_SECTIONS)
+    add_config_flags(p, [*_TRAIN_SECTIONS, "sweep"])
 
     # render
     p = command(
@@ -209,10 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _effective_config(args: argparse.Namespace, *, allow_grid: bool = False) -> dict:
     path = getattr(args, "config", None)
-    try:
-        base = load_config(path, allow_grid=allow_grid)
-    except ConfigError:
-        raise
+    base = load_config(path, allow_grid=allow_grid)  # errors here: exit 1
     try:
         return config_from_flags(args, base=base)
     except ConfigError as exc:

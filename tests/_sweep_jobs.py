@@ -34,3 +34,8 @@ def fake_job(config, run_dir):
         "eigenvalues": [1.0] * dim,
         "verdict": "holds",
     }
+
+
+def device_job(config, run_dir):
+    """Report the device the job was told to use."""
+    return {"device": config["train"]["device"], "span_dim": config["data"]["dim"]}

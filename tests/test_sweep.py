@@ -174,3 +174,26 @@ def test_real_ds_sweep(tmp_path):
         run_dir = out / "runs" / row["job_id"]
         assert (run_dir / "result.h5").is_file() and (run_dir / "model.pt").is_file()
     assert result.plot is not None and result.plot.is_file()
+
+
+def test_existing_scheduler_and_gpu_resource(tmp_path, job_env):
+    """GPU jobs ask for a GPU resource; here a cluster whose workers declare one."""
+    from dask.distributed import LocalCluster
+
+    cfg = {"grid": {"data.dim": [1, 2]}, "sweep": {"gpu": True}}
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        resources={"GPU": 1},
+        dashboard_address=None,
+    ) as cluster:
+        result = run_sweep(
+            cfg,
+            tmp_path / "gpu",
+            scheduler=cluster.scheduler_address,
+            job="_sweep_jobs:device_job",
+            progress=False,
+            plot=False,
+        )
+    assert result.n_failed == 0
+    assert [r["row"]["device"] for r in result.records] == ["cuda", "cuda"]
