@@ -417,7 +417,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1; got {args.workers}")
-    out = _out_dir(args, cfg, cfg["sweep"]["name"])
+    name = cfg.get("name") or cfg["sweep"]["name"]
+    out = _out_dir(args, cfg, name)
     result = run_sweep(
         cfg,
         out,
@@ -429,7 +430,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     n = len(result.records)
     _print(
-        f"sweep {cfg['sweep']['name']}: {n} jobs ({result.n_run} run now, "
+        f"sweep {name}: {n} jobs ({result.n_run} run now, "
         f"{result.n_skipped} done before), {result.n_failed} failed"
     )
     for r in result.records:

@@ -65,6 +65,14 @@ _NOT_IDENTITY = {
 }
 
 _FIRST_COLUMNS = ["job_id", "status"]
+# Result columns in this order when present, the others after them by name.
+_PREFERRED = [
+    "network", "n_images", "train_loss", "iterations", "stop_reason", "span_dim",
+    "r_min", "predicted_rank", "numerical_rank", "numpy_rank", "effective_rank",
+    "energy_rank", "n_near_one", "n_near_one_complex", "top_moduli",
+    "alignment_max_residual", "alignment_max_angle", "verdict", "reason",
+    "train_seconds", "analysis_seconds",
+]  # fmt: skip
 _LAST_COLUMNS = ["host", "seconds", "error"]
 
 
@@ -504,6 +512,8 @@ def _rows(ids: list[str], records: Mapping[str, dict | None]) -> tuple[list, lis
             host=r.get("host", ""), seconds=r.get("seconds"), error=r.get("error", "")
         )
         rows.append(row)
+    rank = {k: i for i, k in enumerate(_PREFERRED)}
+    result_keys.sort(key=lambda k: (rank.get(k, len(rank)), k))
     columns = _FIRST_COLUMNS + grid_keys + result_keys + _LAST_COLUMNS
     return columns, rows
 
