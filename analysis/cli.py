@@ -30,7 +30,7 @@ from analysis.config import (
     save_config,
 )
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("analysis.cli")
 
@@ -56,7 +56,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``opx`` with all subcommands."""
+    """The argument parser of ``opx`` with all subcommands.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["demo", "--quick"])
+    >>> args.command, args.quick, args.out
+    ('demo', True, 'opx-demo')
+    """
     parser = argparse.ArgumentParser(
         prog="opx",
         description=(

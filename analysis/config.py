@@ -35,11 +35,15 @@ __all__ = [
     "OPTIONS",
     "ConfigError",
     "Option",
+    "add_config_flags",
+    "bundled_configs",
     "config_from_flags",
     "default_config",
+    "flag_name",
     "get_option",
     "load_config",
     "merge_overrides",
+    "resolve_config_path",
     "save_config",
     "validate_config",
 ]
@@ -542,7 +546,13 @@ def load_config(
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
-    """Find a config file by path, or by name among the bundled configs."""
+    """Find a config file by path, or by name among the bundled configs.
+
+    Examples
+    --------
+    >>> resolve_config_path("ds_identity").name
+    'ds_identity.toml'
+    """
     p = Path(path)
     if p.is_file():
         return p
@@ -561,7 +571,13 @@ def _config_dirs() -> list[Path]:
 
 
 def bundled_configs() -> list[Path]:
-    """Paths of the reproduction configs shipped with the checkout."""
+    """Paths of the reproduction configs shipped with the checkout.
+
+    Examples
+    --------
+    >>> "ds_span_2x2" in [p.stem for p in bundled_configs()]
+    True
+    """
     found = []
     for folder in _config_dirs():
         if folder.is_dir():
@@ -657,7 +673,13 @@ def save_config(config: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def flag_name(key: str) -> str:
-    """``"train.max_iter"`` -> ``"--train-max-iter"``."""
+    """The command-line flag of a dotted config key.
+
+    Examples
+    --------
+    >>> flag_name("train.max_iter")
+    '--train-max-iter'
+    """
     return "--" + key.replace(".", "-").replace("_", "-")
 
 
@@ -671,6 +693,15 @@ def add_config_flags(parser: Any, sections: Sequence[str]) -> None:
     Flags take strings; they are parsed and validated by
     :func:`config_from_flags`, so that a bad value gets the same message as
     in a file.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> add_config_flags(parser, ["train"])
+    >>> ns = parser.parse_args(["--train-max-iter", "50"])
+    >>> config_from_flags(ns)["train"]["max_iter"]
+    50
     """
     for section in sections:
         group = parser.add_argument_group(f"[{section}] options")

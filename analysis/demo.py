@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "run_demo", "summary_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +512,14 @@ def _report_numbers(report: Any) -> Mapping[str, Any]:
 
 
 def summary_text(result: DemoResult) -> str:
-    """The table the demo prints."""
+    """The table the demo prints.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> print(summary_text(DemoResult(Path("x"), identity_error=0.0)).splitlines()[2])
+    DS, identity initialization: max |A - I| = 0.0e+00  -> identity
+    """
     lines = ["opextract demo", "=" * 72]
     lines.append(
         f"DS, identity initialization: max |A - I| = {result.identity_error:.1e}"

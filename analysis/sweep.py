@@ -49,7 +49,14 @@ from analysis.config import (
     validate_config,
 )
 
-__all__ = ["SweepResult", "expand_grid", "job_id", "load_results", "run_sweep"]
+__all__ = [
+    "SweepResult",
+    "expand_grid",
+    "job_id",
+    "load_results",
+    "plot_rank_vs_span",
+    "run_sweep",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -590,6 +597,16 @@ def load_results(path: str | os.PathLike) -> list[dict]:
     list of dict
         One dict per job, column -> value (numbers as float, the rest as
         str; lists and tables as their JSON text).
+
+    Examples
+    --------
+    >>> load_results("no-such-sweep")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: sweep results file 'no-such-sweep' does not exist
+    >>> rows = load_results("sweeps/span")  # doctest: +SKIP
+    >>> [(r["data.dim"], r["numerical_rank"]) for r in rows]  # doctest: +SKIP
+    [(1.0, 1.0), (2.0, 2.0), (3.0, 3.0), (4.0, 4.0)]
     """
     import h5py
 
@@ -621,7 +638,26 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 def plot_rank_vs_span(records: list[dict], path: str | os.PathLike) -> Path | None:
     """Scatter the learned rank against dim span X, one colour per network.
 
-    Returns the PNG written, or None when no row has both numbers.
+    Parameters
+    ----------
+    records : list of dict
+        Job records as in :attr:`SweepResult.records`.
+    path : path-like
+        PNG file to write.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The PNG written, or None when no row has both numbers.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> rec = {"status": "ok", "row": {"span_dim": 2, "numerical_rank": 2}}
+    >>> plot_rank_vs_span([rec], pathlib.Path(tempfile.mkdtemp(), "r.png")).name
+    'r.png'
+    >>> plot_rank_vs_span([], "unused.png") is None
+    True
     """
     pts = []
     for r in records:
