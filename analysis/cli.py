@@ -381,6 +381,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = _report.analyse_and_write(
         out, model, images, cfg, title=f"opx report: {src}"
     )
+    # Beside the result, without replacing the training run's config.toml.
+    save_config(cfg, out / "report-config.toml")
     if args.json:
         _print(json.dumps(report.to_dict(), indent=1, default=str))
     else:

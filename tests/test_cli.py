@@ -228,6 +228,7 @@ def test_train_then_every_analysis_command(capsys, tmp_path):
     assert status == 0, err
     report = __import__("json").loads(out)
     assert report["span_dim"] == 1 and report["n_near_one"] == 1
+    assert (run_dir / "report-config.toml").is_file()
 
     status, out, err = run(["ablate", str(run_dir), "--ks", "1,2"], capsys)
     assert status == 0, err
