@@ -129,9 +129,7 @@ def main() -> None:
         v0 = np.random.default_rng(0).standard_normal(op.shape[0])
         (w_ar, _), t_ar = timed(spla.eigs, op, k=args.k, v0=v0)
         _, t_ar_svd = timed(spla.svds, op, k=args.k, v0=v0, solver="arpack")
-        ratio = block_speedup(
-            as_operator(op), min(args.k, 32), np.random.default_rng(0)
-        )
+        ratio = block_speedup(as_operator(op), min(args.k, 8), np.random.default_rng(0))
         print(f"measured block speedup per vector: {ratio:.2f}")
         method = args.torch_method
         if method == "auto":
