@@ -135,12 +135,23 @@ def test_conv2d_matrix_rejects_other_dimensions():
         opextract.conv2d_matrix(np.ones((1, 1, 3)), (1, 5))
 
 
-def test_module_handler_uses_module_options():
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False),
+        nn.Conv2d(4, 2, 4, padding="same", padding_mode="circular", bias=False),
+        nn.Conv2d(4, 2, 3, padding="valid", dilation=2, bias=False),
+        nn.Conv1d(4, 2, 3, padding=2, padding_mode="reflect", bias=False),
+        nn.Conv3d(4, 2, 3, stride=(1, 2, 2), padding=1, bias=False),
+    ],
+    ids=["groups-stride", "same-circular", "valid-dilated", "1d-reflect", "3d"],
+)
+def test_module_handler_uses_module_options(layer):
     torch.manual_seed(1)
-    layer = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=False)
     layer = layer.double()
-    A = opextract.to_sparse(layer, (4, 9, 9))
-    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    shape = (4,) + (9,) * (layer.weight.ndim - 2)
+    A = opextract.to_sparse(layer, shape)
+    x = torch.randn(1, *shape, dtype=torch.float64)
     assert_close(A @ x.reshape(-1).numpy(), layer(x).detach().reshape(-1).numpy())
 
 
