@@ -171,11 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
         "in the output folder. Re-running into the same folder skips finished "
         "jobs.",
     )
-    p.add_argument("config", help="sweep TOML config (with a [grid] table)")
+    p.add_argument("config", nargs="?", help="sweep TOML config (with a [grid] table)")
     p.add_argument("-o", "--out", help="sweep folder (default: output.dir/<name>)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler")
     p.add_argument("--workers", type=int, help="local worker processes (default 2)")
     p.add_argument("--retry-failed", action="store_true", help="rerun failed jobs")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a grid axis, e.g. data.dim=1,2,3 (repeatable; replaces that "
+        "key of the config's [grid])",
+    )
     p.add_argument(
         "--job", help="job function module:function (default: the DS/D pipeline)"
     )
@@ -417,9 +425,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from analysis.config import parse_grid_flags
     from analysis.sweep import run_sweep
 
     cfg = _effective_config(args, allow_grid=True)
+    try:
+        cfg.setdefault("grid", {}).update(parse_grid_flags(args.grid))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     if not cfg.get("grid"):
         raise ConfigError(
             "grid", "must be a table of dotted keys to lists", None, args.config

@@ -43,6 +43,7 @@ __all__ = [
     "get_option",
     "load_config",
     "merge_overrides",
+    "parse_grid_flags",
     "resolve_config_path",
     "save_config",
     "validate_config",
@@ -750,6 +751,32 @@ def _parse_flag(key: str, text: str) -> Any:
         entry = kind.removesuffix("_list")
         return [one(entry, t) for t in text.split(",") if t.strip()]
     return one(kind, text)
+
+
+def parse_grid_flags(specs: Sequence[str]) -> dict[str, list]:
+    """Turn ``["data.dim=1,2,3", "model.seed=0,1"]`` into a validated grid.
+
+    Examples
+    --------
+    >>> parse_grid_flags(["data.dim=1,2", "train.lr=1e-3,1e-2"])
+    {'data.dim': [1, 2], 'train.lr': [0.001, 0.01]}
+    """
+    grid: dict[str, list] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ConfigError(
+                "grid", "flags must look like --grid KEY=V1,V2,...", spec, "flag"
+            )
+        option = get_option(key)
+        if option.kind.endswith("_list"):
+            raise ConfigError(
+                f"grid.{key}", "must be varied in a config file (list values)",
+                spec, "flag",
+            )  # fmt: skip
+        grid[key] = [_parse_flag(key, v) for v in values.split(",") if v.strip()]
+    return _validate_grid(grid, "flag")
 
 
 def config_from_flags(

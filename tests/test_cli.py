@@ -81,6 +81,8 @@ def test_version_from_console_script():
         ),
         (["demo", "--seeds", "0"], "--seeds must be >= 1; got 0"),
         (["sweep", "x.toml", "--workers", "0"], None),
+        (["sweep", "--grid", "data.dim=1,9"], r"'grid\.data\.dim' must be an integer"),
+        (["sweep", "--grid", "data.dim"], "flags must look like --grid KEY=V1,V2"),
     ],
     ids=[
         "no-command",
@@ -92,11 +94,13 @@ def test_version_from_console_script():
         "bad-ks",
         "bad-seeds",
         "bad-workers",
+        "bad-grid-value",
+        "bad-grid-flag",
     ],
 )
 def test_bad_usage_exits_2(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if argv[:1] == ["sweep"]:
+    if "--workers" in argv:
         (tmp_path / "x.toml").write_text("[grid]\n'data.dim' = [1]\n")
         match = "--workers must be >= 1; got 0"
     status, out, err = run(argv, capsys)

@@ -201,3 +201,14 @@ def test_network_options_are_checked():
         build_model({"name": "ds", "a": 3})
     with pytest.raises(ConfigError, match=r"'model\.b' must be set for network 'd_ab'"):
         build_model({"name": "d_ab", "a": 3})
+
+
+def test_grid_flags():
+    from analysis.config import parse_grid_flags
+
+    grid = parse_grid_flags(["data.dim=1,2", "model.name=ds,d", "train.lr=1e-3"])
+    assert grid == {"data.dim": [1, 2], "model.name": ["ds", "d"], "train.lr": [1e-3]}
+    with pytest.raises(ConfigError, match=r"'grid\.data\.indices' must be varied in"):
+        parse_grid_flags(["data.indices=0,1"])
+    with pytest.raises(ConfigError, match=r"'train\.nope' is not an option"):
+        parse_grid_flags(["train.nope=1"])
