@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,8 +51,10 @@ def test_every_subcommand_is_wired():
 def test_version_from_console_script():
     import opextract
 
+    # The script pip installed beside the interpreter (setup.cfg's entry point).
+    script = Path(sys.executable).parent / "opx"
     done = subprocess.run(
-        [sys.executable, "-m", "analysis.cli", "--version"],
+        [str(script), "--version"],
         capture_output=True,
         text=True,
         timeout=60,
