@@ -2,7 +2,9 @@
 
 A *chain* is an ``nn.Sequential`` (nested ones included, as long as none
 overrides ``forward``) or a single module that has a handler. Anything else
-with submodules is a graph and goes to the tracer of ``opextract._graph``.
+with submodules, and a user module without any (a forward written with
+``torch.nn.functional``), is a graph and goes to the tracer of
+``opextract._graph``.
 """
 
 from __future__ import annotations
@@ -53,12 +55,25 @@ def _is_plain_sequential(module: nn.Module) -> bool:
     )
 
 
+def _is_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is walked as one layer of a chain.
+
+    A module with a handler is; so is a built-in ``torch.nn`` module without
+    children, so that an unsupported one is refused by name. A user module
+    without children (a forward written with ``torch.nn.functional``) is not:
+    its forward is a graph for the tracer.
+    """
+    if lookup(module) is not None:
+        return True
+    if any(True for _ in module.children()):
+        return False
+    return type(module).__module__.startswith("torch.nn.")
+
+
 def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The leaf layers of ``model`` in forward order, or None for a graph."""
     if not _is_plain_sequential(model):
-        if lookup(model) is not None or not any(True for _ in model.children()):
-            return [("", model)]
-        return None
+        return [("", model)] if _is_layer(model) else None
     layers: list[tuple[str, nn.Module]] = []
 
     def walk(module: nn.Sequential, prefix: str) -> bool:
@@ -67,7 +82,7 @@ def chain_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
             if _is_plain_sequential(child):
                 if not walk(child, path + "."):
                     return False
-            elif lookup(child) is not None or not any(True for _ in child.children()):
+            elif _is_layer(child):
                 layers.append((path, child))
             else:
                 return False

@@ -408,3 +408,40 @@ REFUSALS = [
 def test_graph_refusals(make, error, match):
     with pytest.raises(error, match=match):
         opextract.to_sparse(make().double(), (1, 4, 4))
+
+
+# ---------------------------------------------------------------------------
+# Models without children: a forward written with torch.nn.functional
+
+
+class _FunctionalLinear(nn.Module):
+    """A linear map by F.linear and F.conv2d only, with no child module."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.kernel = nn.Parameter(torch.randn(2, 3, 3, 3, generator=g))
+        self.weight = nn.Parameter(torch.randn(5, 2 * 4 * 4, generator=g))
+
+    def forward(self, x):
+        y = F.conv2d(x, self.kernel, padding=1)
+        return F.linear(y.flatten(1), self.weight)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["alone", "in-sequential"])
+def test_functional_model_without_children_is_traced(wrap):
+    model = _FunctionalLinear().double()
+    if wrap:
+        model = nn.Sequential(nn.Identity(), model).double()
+    shape = (3, 4, 4)
+    assert list(_FunctionalLinear().children()) == []
+    A = opextract.to_sparse(model, shape)
+    assert A.shape == (5, 48)
+    assert_close(A.toarray(), _identity_batch(model, shape))
+    _round_trip(model, shape)
+
+
+def test_builtin_layer_without_handler_is_still_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.GELU())
+    with pytest.raises(UnsupportedLayerError, match=r"module '1' of type GELU"):
+        opextract.to_sparse(model, (1, 4, 4), bias="ignore")
