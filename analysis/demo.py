@@ -55,9 +55,11 @@ _SETTINGS: dict[str, dict[str, Any]] = {
         "ds_train": {"lr": 1e-3, "max_iter": 2000, "tol": 1e-4},
         "pair_size": 32,
         "pair_net": {"channels": 16, "depth": 5},
-        # The literature's Adam at lr 1e-4, stopped early: its Figure 3 finds
-        # the contrast between D and ND at any stopping point.
-        "pair_train": {"lr": 1e-4, "max_iter": 200, "tol": 0.0},
+        # Adam at lr 1e-3 for a fixed 1000 iterations: both networks reach a
+        # training loss near 1e-3, the level at which the literature relates
+        # rank to the conjecture; at its lr 1e-4 that takes over ten times as
+        # many iterations, beyond the demo's few minutes.
+        "pair_train": {"lr": 1e-3, "max_iter": 1000, "tol": 0.0},
         "n_probes": 4,
         "k": 32,
     },
