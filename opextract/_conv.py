@@ -21,7 +21,13 @@ from torch import nn
 
 from opextract import _kernels
 from opextract._registry import BuildContext, LayerMatrix, register
-from opextract._validate import check_bytes, check_dtype, csr_bytes, index_dtype
+from opextract._validate import (
+    check_bytes,
+    check_dtype,
+    csr_bytes,
+    index_dtype,
+    int_tuple,
+)
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 
@@ -30,21 +36,6 @@ PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 # to reach the direct kernel.
 _TEMPLATE_FRACTION = 0.25
 _TEMPLATE_MIN = 1 << 16
-
-
-def _tuple(value, nd: int, name: str) -> tuple[int, ...]:
-    try:
-        if isinstance(value, (tuple, list)):
-            values = tuple(operator.index(v) for v in value)
-        else:
-            values = (operator.index(value),) * nd
-    except TypeError:
-        values = None
-    if values is None or len(values) != nd:
-        raise ValueError(
-            f"{name} must be an int or a tuple of {nd} ints; got {value!r}"
-        )
-    return values
 
 
 def _as_array(weight) -> np.ndarray:
@@ -194,7 +185,7 @@ def _resolve_padding(padding, kernel, dilation, stride, nd):
             f"padding must be an int, a tuple of ints, 'same' or 'valid'; "
             f"got {padding!r}"
         )
-    pads = _tuple(padding, nd, "padding")
+    pads = int_tuple(padding, nd, "padding")
     if any(p < 0 for p in pads):
         raise ValueError(f"padding must be non-negative; got {padding!r}")
     return pads, pads
@@ -451,8 +442,8 @@ def _plan(
         )
     nd = w.ndim - 2
     kernel = tuple(int(k) for k in w.shape[2:])
-    stride = _tuple(stride, nd, "stride")
-    dilation = _tuple(dilation, nd, "dilation")
+    stride = int_tuple(stride, nd, "stride")
+    dilation = int_tuple(dilation, nd, "dilation")
     if any(s <= 0 for s in stride):
         raise ValueError(f"stride must be positive; got {stride}")
     if any(d <= 0 for d in dilation):

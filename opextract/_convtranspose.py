@@ -27,24 +27,9 @@ from torch import nn
 
 from opextract._registry import BuildContext, LayerMatrix, register
 from opextract._separable import csr
-from opextract._validate import check_bytes, check_dtype, csr_bytes
+from opextract._validate import check_bytes, check_dtype, csr_bytes, int_tuple
 
 __all__ = ["conv_transpose_matrix"]
-
-
-def _tuple(value, nd: int, name: str) -> tuple[int, ...]:
-    try:
-        if isinstance(value, (tuple, list)):
-            values = tuple(operator.index(v) for v in value)
-        else:
-            values = (operator.index(value),) * nd
-    except TypeError:
-        values = None
-    if values is None or len(values) != nd:
-        raise ValueError(
-            f"{name} must be an int or a tuple of {nd} ints; got {value!r}"
-        )
-    return values
 
 
 def conv_transpose_matrix(
@@ -109,10 +94,10 @@ def conv_transpose_matrix(
         )
     nd = w.ndim - 2
     kernel = w.shape[2:]
-    stride = _tuple(stride, nd, "stride")
-    padding = _tuple(padding, nd, "padding")
-    output_padding = _tuple(output_padding, nd, "output_padding")
-    dilation = _tuple(dilation, nd, "dilation")
+    stride = int_tuple(stride, nd, "stride")
+    padding = int_tuple(padding, nd, "padding")
+    output_padding = int_tuple(output_padding, nd, "output_padding")
+    dilation = int_tuple(dilation, nd, "dilation")
     groups = operator.index(groups)
     if any(s <= 0 for s in stride) or any(d <= 0 for d in dilation):
         raise ValueError(

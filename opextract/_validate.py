@@ -83,6 +83,22 @@ def check_shape(shape, *, name: str = "input_shape", ndim: int | None = None):
     return values
 
 
+def int_tuple(value, nd: int, name: str) -> tuple[int, ...]:
+    """``value`` as a tuple of ``nd`` ints (an int is repeated ``nd`` times)."""
+    try:
+        if isinstance(value, (tuple, list)):
+            values = tuple(operator.index(v) for v in value)
+        else:
+            values = (operator.index(value),) * nd
+    except TypeError:
+        values = None
+    if values is None or len(values) != nd:
+        raise ValueError(
+            f"{name} must be an int or a tuple of {nd} ints; got {value!r}"
+        )
+    return values
+
+
 def index_dtype(largest: int) -> np.dtype:
     """int32 when every index (and nnz) fits, else int64."""
     return np.dtype(np.int32 if largest <= np.iinfo(np.int32).max else np.int64)
