@@ -1,22 +1,27 @@
 """The memorization report: one call from a network (or its operator) and its
-training set to a measured verdict on the conjecture
+training set to a measured verdict on the two-part conjecture of the
+literature. For a network trained to zero loss on images X, with r_min the
+smallest factor rank and ``c s^2`` the image size:
 
-    rank(A) = min(dim span X, r_min),
-
-with the eigenvalues near 1 and their eigenvectors inside span X.
+(a) a *downsampling* network has rank(A) = min(dim span X, r_min), with the
+    eigenvalues near 1 and their eigenvectors inside span X;
+(b) a *non-downsampling* network has
+    min(dim span X, r_min) <= rank(A) <= c s^2.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse.linalg as spla
 
-from analysis._linalg import as_operator, check_k
+from analysis._linalg import as_operator, check_k, make_rng
 from analysis.alignment import span_alignment
 from analysis.ranks import flatten_images, rank_bound, rank_measures, span_dimension
 
@@ -27,8 +32,21 @@ logger = logging.getLogger(__name__)
 # All singular values are computed densely up to this operator size (a few
 # seconds of LAPACK at 3072); beyond it only the leading ones.
 FULL_SVD_MAX_N = 4096
-# ... and all eigenvalues densely up to this size.
+# ... and all eigenvalues densely up to this size (for display: the k
+# leading ones) ...
 FULL_EIG_MAX_N = 512
+# ... and, to find the eigenvalues near 1, up to this size (a dense
+# eigendecomposition of 1024 x 1024 takes about a second); beyond it they are
+# found by shift-invert around 1.
+FULL_NEAR_MAX_N = 1024
+# Shift-invert starts with this many eigenvalues nearest 1 (or more, see
+# memorization_report); for part (a) it doubles them, up to NEAR_ONE_MAX_K,
+# while all of them lie within delta of 1.
+NEAR_ONE_MIN_K = 16
+NEAR_ONE_MAX_K = 128
+# The shift sits just off 1 so that A - sigma I stays invertible when 1 is an
+# exact eigenvalue (the identity, a projector).
+SIGMA = 1.0 + 1e-6
 
 
 @dataclass
@@ -38,14 +56,17 @@ class MemorizationReport:
     Attributes
     ----------
     verdict : str
-        ``"holds"`` when all three checks pass, else ``"does not hold"``.
+        ``"holds"`` when all checks of the tested part pass, else
+        ``"does not hold"``.
     reason : str
         The numbers behind the verdict, one clause per check.
     checks : dict of str to bool
-        ``"rank"``: ``numerical_rank == predicted_rank``; ``"eigenvalues"``:
-        ``n_near_one == predicted_rank``; ``"alignment"``: every eigenvector
-        with eigenvalue near 1 has ``alignment_max_residual <= align_tol``
-        (no such eigenvector fails the check).
+        Part (a): ``"rank"``: ``numerical_rank == predicted_rank``;
+        ``"eigenvalues"``: ``n_near_one == predicted_rank``; ``"alignment"``:
+        every eigenvector with eigenvalue near 1 has
+        ``alignment_max_residual <= align_tol`` (no such eigenvector fails the
+        check). Part (b): ``"rank"`` only:
+        ``predicted_rank <= numerical_rank <= rank_upper``.
     n_images : int
         Number of training images.
     input_shape : tuple of int or None
@@ -80,14 +101,19 @@ class MemorizationReport:
     delta : float
         An eigenvalue is *near 1* when ``abs(abs(w) - 1) <= delta``.
     k : int
-        Number of eigenvalues computed (largest modulus first).
+        Number of leading eigenvalues computed (largest modulus first), for
+        display; the eigenvalues near 1 are searched for separately.
     n_near_one : int
-        Eigenvalues among the ``k`` whose modulus is within ``delta`` of 1.
+        Eigenvalues found whose modulus is within ``delta`` of 1: those among
+        ``near_one_eigenvalues``, plus those among the ``k`` leading ones
+        that lie farther from 1 than every one of ``near_one_eigenvalues``.
     n_near_one_complex : int
-        Those with ``abs(w - 1) <= delta`` (near 1 in the complex plane).
+        Eigenvalues found with ``abs(w - 1) <= delta`` (near 1 in the complex
+        plane).
     near_one_complete : bool
-        False when the ``k``-th eigenvalue is itself near 1, so that
-        ``n_near_one`` may be a lower bound.
+        Whether ``n_near_one`` is exact. False means "at least": the search
+        was not exhaustive, e.g. when all ``k`` leading eigenvalues have a
+        modulus above ``1 - delta`` and no dense eigendecomposition was made.
     alignment_max_residual : float
         Largest ``||v - P v|| / ||v||`` over the real and imaginary parts of
         the eigenvectors near 1 (P: projector onto span X); NaN if none.
@@ -104,6 +130,35 @@ class MemorizationReport:
         The computed singular values, decreasing.
     seconds : float
         Time the report took.
+    part : str
+        The part of the conjecture tested: ``"a"`` (downsampling) or ``"b"``
+        (non-downsampling).
+    downsampling : bool or None
+        Whether the network downsamples, as used to choose ``part``; None when
+        it was unknown (part (a) is then tested).
+    downsampling_source : str
+        Where ``downsampling`` came from: ``"argument"``, ``"model"`` (its
+        ``downsampling`` attribute), ``"factors"`` (their shapes, see
+        :func:`memorization_report`) or ``"default"`` (unknown).
+    rank_upper : int
+        The upper bound ``c s^2`` of part (b): the number of entries of one
+        unpadded image (``n`` when ``input_shape`` is unknown).
+    identity_distance : float or None
+        ``||A - I||_F / sqrt(n)``, informative (0 for the identity, 1 for
+        the zero operator); None for an operator given as LinearOperator.
+    near_one_complex_complete : bool
+        Whether ``n_near_one_complex`` is exact: True when all eigenvalues
+        were computed, or when the eigenvalues nearest 1 that were found
+        include one farther than ``delta`` from 1.
+    near_one_method : str
+        How the eigenvalues near 1 were found: ``"dense"`` (all
+        eigenvalues), ``"shift-invert"`` (ARPACK around sigma = 1) or
+        ``"top-k"`` (only the ``k`` leading ones, for a LinearOperator too
+        large to make dense).
+    near_one_eigenvalues : ndarray, complex
+        The eigenvalues nearest 1 that were found, increasing distance to 1
+        (with ``"dense"``: those within ``delta`` of 1, or the nearest one
+        when none is).
     eigenvectors : ndarray of shape (n, k) or None
         Eigenvectors of ``eigenvalues`` (kept in memory, not serialized).
     """
@@ -139,6 +194,17 @@ class MemorizationReport:
     eigenvalues: np.ndarray = field(repr=False)
     singular_values: np.ndarray = field(repr=False)
     seconds: float = 0.0
+    # Defaults below keep reports saved before these fields existed readable.
+    part: str = "a"
+    downsampling: bool | None = None
+    downsampling_source: str = "default"
+    rank_upper: int | None = None
+    identity_distance: float | None = None
+    near_one_complex_complete: bool = True
+    near_one_method: str = "top-k"
+    near_one_eigenvalues: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, complex), repr=False, compare=False
+    )
     eigenvectors: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -152,9 +218,10 @@ class MemorizationReport:
         """
         out = asdict(self)
         out.pop("eigenvectors")
-        w = np.asarray(out.pop("eigenvalues"), dtype=np.complex128)
-        out["eigenvalues_real"] = w.real.tolist()
-        out["eigenvalues_imag"] = w.imag.tolist()
+        for key in ("eigenvalues", "near_one_eigenvalues"):
+            w = np.asarray(out.pop(key), dtype=np.complex128)
+            out[f"{key}_real"] = w.real.tolist()
+            out[f"{key}_imag"] = w.imag.tolist()
         out["singular_values"] = np.asarray(self.singular_values).tolist()
         if out["input_shape"] is not None:
             out["input_shape"] = list(out["input_shape"])
@@ -166,9 +233,12 @@ class MemorizationReport:
     def from_dict(cls, data: dict[str, Any]) -> MemorizationReport:
         """Inverse of :meth:`to_dict`."""
         d = dict(data)
-        re = np.asarray(d.pop("eigenvalues_real"), dtype=np.float64)
-        im = np.asarray(d.pop("eigenvalues_imag"), dtype=np.float64)
-        d["eigenvalues"] = re + 1j * im
+        for key in ("eigenvalues", "near_one_eigenvalues"):
+            if f"{key}_real" not in d and key == "near_one_eigenvalues":
+                continue
+            re = np.asarray(d.pop(f"{key}_real"), dtype=np.float64)
+            im = np.asarray(d.pop(f"{key}_imag"), dtype=np.float64)
+            d[key] = re + 1j * im
         d["singular_values"] = np.asarray(d["singular_values"], dtype=np.float64)
         if d.get("input_shape") is not None:
             d["input_shape"] = tuple(int(s) for s in d["input_shape"])
@@ -196,9 +266,22 @@ class MemorizationReport:
         shape = (
             "?" if self.input_shape is None else "x".join(map(str, self.input_shape))
         )
-        near = f"{self.n_near_one} of top {self.k}"
+        near = f"{self.n_near_one} ({self.near_one_method})"
         if not self.near_one_complete:
-            near += " (at least)"
+            near = "at least " + near
+        near_c = str(self.n_near_one_complex)
+        if not self.near_one_complex_complete:
+            near_c = "at least " + near_c
+        part = "(a), downsampling" if self.part == "a" else "(b), non-downsampling"
+        ds = {True: "yes", False: "no", None: "unknown"}[self.downsampling]
+        if len(self.near_one_eigenvalues):
+            w1 = complex(self.near_one_eigenvalues[0])
+            nearest = f"{_fmt_complex(w1)} (|w - 1| = {abs(w1 - 1):.3g})"
+        else:
+            nearest = "n/a"
+        predicted = str(self.predicted_rank)
+        if self.part == "b":
+            predicted = f"{self.predicted_rank} <= rank <= {self.rank_upper}"
         if np.isnan(self.alignment_max_residual):
             align = "n/a (no eigenvalue near 1)"
         else:
@@ -212,7 +295,9 @@ class MemorizationReport:
             ("operator size", f"{self.n} x {self.n}"),
             ("dim span X", str(self.span_dim)),
             ("r_min", r_min),
-            ("predicted rank min(dim span X, r_min)", str(self.predicted_rank)),
+            ("downsampling", f"{ds} ({self.downsampling_source})"),
+            ("conjecture part tested", part),
+            ("predicted rank, from min(dim span X, r_min)", predicted),
             (f"numerical rank (rtol {self.rtol:g})", str(self.numerical_rank)),
             ("numpy rank", str(self.numpy_rank)),
             ("effective rank", fmt(self.effective_rank)),
@@ -220,9 +305,11 @@ class MemorizationReport:
             (f"eigenvalues with ||w| - 1| <= {self.delta:g}", near),
             (
                 f"eigenvalues with |w - 1| <= {self.delta:g}",
-                str(self.n_near_one_complex),
+                near_c,
             ),
+            ("eigenvalue nearest 1", nearest),
             ("top eigenvalues", top),
+            ("distance to identity ||A - I||_F / sqrt(n)", fmt(self.identity_distance)),
             ("residual to span X (near-1 vectors)", align),
             ("verdict", self.verdict),
         ]
@@ -261,6 +348,7 @@ def memorization_report(
     align_tol: float = 0.1,
     method: str = "auto",
     rng: Any = None,
+    downsampling: bool | None = None,
 ) -> MemorizationReport:
     """Rank, spectrum and alignment of a network's operator, and the verdict.
 
@@ -279,11 +367,13 @@ def memorization_report(
         Layout of the operator; in the padded layout the images are padded
         with one ring of zeros before they are compared with it.
     k : int, optional
-        Number of leading eigenvalues to compute. Default: all of them when
+        Number of leading eigenvalues to compute (for display, and beside the
+        search for eigenvalues near 1). Default: all of them when
         ``n <= 512``, else ``max(2 * predicted_rank + 8, 16)`` (capped at n).
     delta : float
         An eigenvalue counts as near 1 when its modulus is within ``delta``
-        of 1.
+        of 1 (``n_near_one``; ``n_near_one_complex`` counts those within
+        ``delta`` of 1 in the complex plane).
     factors : sequence of opextract.Factor or matrices, optional
         Factors of an operator given directly, for ``r_min``.
     r_min : int, optional
@@ -302,10 +392,38 @@ def memorization_report(
         Passed to :func:`analysis.eigs` and :func:`analysis.svds`.
     rng : None, int or numpy.random.Generator
         Passed to the iterative solvers.
+    downsampling : bool, optional
+        Whether the network downsamples: True tests part (a) of the
+        conjecture, False part (b). None infers it, in this order: from the
+        model's ``downsampling`` attribute (the networks of
+        :mod:`analysis.models` have one); else from the factors: some factor
+        with an output of fewer pixels per channel (``prod(out_shape[1:])``)
+        than the input, for ``opextract.Factor`` objects, or, for plain
+        matrices, some factor with fewer rows than ``n`` (a bottleneck);
+        else, for an operator given without factors, part (a) is tested and
+        ``downsampling_source`` says ``"default"``.
 
     Returns
     -------
     MemorizationReport
+
+    Notes
+    -----
+    The eigenvalues near 1 are searched for directly, not only among the
+    ``k`` of largest modulus (a trained network often has several
+    eigenvalues of modulus well above 1 that would crowd them out): all
+    eigenvalues densely when ``n <= 1024``, else ARPACK in shift-invert mode
+    around ``sigma = 1 + 1e-6`` (just off 1, so that an exact eigenvalue 1
+    leaves ``A - sigma I`` invertible; a dense LU when the operator is dense
+    or at most 4096 wide, a sparse LU otherwise) for the
+    ``max(predicted_rank + 8, 16)`` eigenvalues nearest 1; for part (a) their
+    number is doubled, up to 128, while all of them lie within ``delta`` of
+    1 (part (b) reports the count without testing it). An operator given as a
+    LinearOperator wider than 4096 only gets the ``k`` leading eigenvalues.
+    Eigenvalues with modulus near 1 that lie far from 1 in the complex plane
+    (near -1, say) are counted only when found among the ``k`` leading ones
+    (or by the dense path); ``near_one_complete`` says whether the count is
+    exact.
 
     Examples
     --------
@@ -320,6 +438,13 @@ def memorization_report(
     ('holds', 1, 1, 1)
     >>> memorization_report(np.eye(4), x).verdict
     'does not hold'
+
+    A non-downsampling network is held to part (b) instead, which the
+    identity satisfies:
+
+    >>> report = memorization_report(np.eye(4), x, downsampling=False)
+    >>> report.part, report.verdict, report.identity_distance
+    ('b', 'holds', 0.0)
     """
     started = time.perf_counter()
     if layout not in ("compact", "padded"):
@@ -330,6 +455,10 @@ def memorization_report(
     align_tol = float(align_tol)
     if not np.isfinite(align_tol) or align_tol < 0:
         raise ValueError(f"align_tol must be a number >= 0; got {align_tol!r}")
+    if downsampling is not None and not isinstance(downsampling, (bool, np.bool_)):
+        raise TypeError(
+            f"downsampling must be True, False or None; got {downsampling!r}"
+        )
 
     model = None
     if _is_module(model_or_operator):
@@ -361,12 +490,18 @@ def memorization_report(
         flat = _pad_images(flat, input_shape)
 
     rank_info = None
+    source = "default"
+    if downsampling is not None:
+        source = "argument"
+    elif model is not None and getattr(model, "downsampling", None) is not None:
+        downsampling, source = bool(model.downsampling), "model"
     if model is not None:
-        operator, rank_info = _from_model(model, input_shape, layout, r_min)
+        need_factors = r_min is None or downsampling is None
+        operator, factors = _from_model(model, input_shape, layout, need_factors)
     else:
         operator = model_or_operator
-        if r_min is None and factors is not None:
-            rank_info = rank_bound(factors)
+    if r_min is None and factors is not None:
+        rank_info = rank_bound(factors)
     op = as_operator(operator, square=True)
     n = op.shape[0]
     if flat.shape[1] != n:
@@ -374,6 +509,9 @@ def memorization_report(
             f"X must have {n} entries per image to match the operator of shape "
             f"{op.shape} ({layout} layout); got {flat.shape[1]}"
         )
+    if downsampling is None and factors is not None:
+        downsampling, source = _downsamples(factors, n), "factors"
+    part = "b" if downsampling is False else "a"
 
     span = span_dimension(flat, rtol=span_rtol)
     if span.dim == 0:
@@ -385,11 +523,13 @@ def memorization_report(
     elif rank_info is not None:
         r_min = rank_info.r_min
     predicted = span.dim if r_min is None else min(span.dim, r_min)
+    rank_upper = n if input_shape is None else int(np.prod(input_shape))
 
     # Singular values: all of them when affordable, else enough to see past
     # the predicted rank.
+    dense = op.dense() if n <= FULL_SVD_MAX_N or op.kind == "array" else None
     if n <= FULL_SVD_MAX_N:
-        ranks = rank_measures(op.dense(), rtol=rtol)
+        ranks = rank_measures(dense, rtol=rtol)
     else:
         ranks = rank_measures(op.obj, rtol=rtol, k=min(n - 1, predicted + 16))
 
@@ -399,13 +539,14 @@ def memorization_report(
     from analysis.spectra import eigs
 
     w, v = eigs(op.obj, k, method=method, rng=rng)
-    modulus_gap = np.abs(np.abs(w) - 1)
-    near = modulus_gap <= delta
-    n_near = int(near.sum())
-    near_complete = len(w) == n or not (len(w) and near[-1])
+    k_near = max(predicted + 8, NEAR_ONE_MIN_K)
+    # Part (b) only reports the count, so one pass suffices there.
+    max_k = NEAR_ONE_MAX_K if part == "a" else k_near
+    near = _near_one(op, dense, w, v, delta, k_near, max_k, rng)
+    n_near = near["n_near"]
 
     if n_near:
-        align = span_alignment(v[:, near], flat, rtol=span_rtol)
+        align = span_alignment(near["vectors"], flat, rtol=span_rtol)
         max_res = align.max_residual
         max_angle = float(np.degrees(np.arcsin(min(1.0, max_res))))
         principal = np.degrees(align.principal_angles).tolist()
@@ -413,25 +554,42 @@ def memorization_report(
         max_res = max_angle = float("nan")
         principal = []
 
-    checks = {
-        "rank": ranks.numerical_rank == predicted,
-        "eigenvalues": n_near == predicted,
-        "alignment": bool(n_near) and max_res <= align_tol,
-    }
-    clauses = [
-        f"rank {ranks.numerical_rank} {'=' if checks['rank'] else '!='} predicted "
-        f"{predicted} = min(dim span X {span.dim}, r_min "
-        f"{'unknown' if r_min is None else r_min}) at rtol {rtol:g}",
-        f"{n_near} eigenvalue(s) with modulus within {delta:g} of 1 "
-        f"{'=' if checks['eigenvalues'] else '!='} predicted {predicted}",
-    ]
-    if n_near:
-        clauses.append(
-            f"eigenvectors near 1 {'within' if checks['alignment'] else 'not within'}"
-            f" {align_tol:g} of span X (max residual {max_res:.3g})"
-        )
+    at_least = "" if near["complete"] else "at least "
+    rank_clause = (
+        f"min(dim span X {span.dim}, r_min {'unknown' if r_min is None else r_min})"
+    )
+    if part == "a":
+        checks = {
+            "rank": ranks.numerical_rank == predicted,
+            "eigenvalues": n_near == predicted,
+            "alignment": bool(n_near) and max_res <= align_tol,
+        }
+        clauses = [
+            f"part (a) ({_SOURCES[source]}); rank {ranks.numerical_rank} "
+            f"{'=' if checks['rank'] else '!='} predicted {predicted} = "
+            f"{rank_clause} at rtol {rtol:g}",
+            f"{at_least}{n_near} eigenvalue(s) with modulus within {delta:g} of 1 "
+            f"{'=' if checks['eigenvalues'] else '!='} predicted {predicted}",
+        ]
+        if n_near:
+            clauses.append(
+                f"eigenvectors near 1 "
+                f"{'within' if checks['alignment'] else 'not within'}"
+                f" {align_tol:g} of span X (max residual {max_res:.3g})"
+            )
+        else:
+            clauses.append("no eigenvector near 1 to align with span X")
     else:
-        clauses.append("no eigenvector near 1 to align with span X")
+        ok = predicted <= ranks.numerical_rank <= rank_upper
+        checks = {"rank": ok}
+        clauses = [
+            f"part (b) ({_SOURCES[source]}); rank {ranks.numerical_rank} "
+            f"{'within' if ok else 'not within'} [{predicted}, {rank_upper}] = "
+            f"[{rank_clause}, c s^2] at rtol {rtol:g}",
+            f"(informative: {at_least}{n_near} eigenvalue(s) with modulus within "
+            f"{delta:g} of 1, distance to identity "
+            f"{_fmt_optional(near['identity_distance'])})",
+        ]
     verdict = "holds" if all(checks.values()) else "does not hold"
     seconds = time.perf_counter() - started
     logger.info("memorization report: %s in %.2f s", verdict, seconds)
@@ -459,8 +617,8 @@ def memorization_report(
         delta=delta,
         k=int(len(w)),
         n_near_one=n_near,
-        n_near_one_complex=int((np.abs(w - 1) <= delta).sum()),
-        near_one_complete=bool(near_complete),
+        n_near_one_complex=near["n_near_complex"],
+        near_one_complete=near["complete"],
         alignment_max_residual=float(max_res),
         alignment_max_angle=float(max_angle),
         principal_angles=[float(a) for a in principal],
@@ -468,8 +626,141 @@ def memorization_report(
         eigenvalues=np.asarray(w),
         singular_values=np.asarray(ranks.singular_values),
         seconds=float(seconds),
+        part=part,
+        downsampling=None if downsampling is None else bool(downsampling),
+        downsampling_source=source,
+        rank_upper=rank_upper,
+        identity_distance=near["identity_distance"],
+        near_one_complex_complete=near["complex_complete"],
+        near_one_method=near["method"],
+        near_one_eigenvalues=near["eigenvalues"],
         eigenvectors=v,
     )
+
+
+_SOURCES = {
+    "argument": "downsampling given",
+    "model": "downsampling from the model",
+    "factors": "downsampling inferred from the factors",
+    "default": "downsampling unknown, part (a) by default",
+}
+
+
+def _fmt_optional(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _downsamples(factors: Sequence[Any], n: int) -> bool:
+    """Whether a chain of factors downsamples: some factor's output has fewer
+    pixels per channel than the input (``opextract.Factor``), or, for plain
+    matrices, fewer rows than ``n``."""
+    factors = list(factors)
+    shapes = [getattr(f, "out_shape", None) for f in factors]
+    first = getattr(factors[0], "in_shape", None) if factors else None
+    if first and all(shapes):
+        pixels = int(np.prod(first[1:]))
+        return any(int(np.prod(shape[1:])) < pixels for shape in shapes)
+    return any(np.shape(getattr(f, "matrix", f))[0] < n for f in factors)
+
+
+def _identity_distance(op, dense) -> float | None:
+    """``||A - I||_F / sqrt(n)`` without forming ``A - I``."""
+    n = op.shape[0]
+    if dense is not None:
+        sq, trace = float(np.vdot(dense, dense).real), float(np.trace(dense).real)
+    elif op.kind == "sparse":
+        sq = float(np.vdot(op.obj.data, op.obj.data).real)
+        trace = float(op.obj.diagonal().sum().real)
+    else:
+        return None
+    return float(np.sqrt(max(sq - 2 * trace + n, 0.0) / n))
+
+
+def _near_one(op, dense, w_top, v_top, delta, k_near, max_k, rng) -> dict[str, Any]:
+    """Eigenvalues near 1, their eigenvectors, counts and completeness flags.
+
+    See the Notes of :func:`memorization_report` for the search.
+    """
+    n = op.shape[0]
+    top_mod = np.abs(np.abs(w_top) - 1) <= delta
+    top_reaches_below = len(w_top) == n or abs(w_top[-1]) < 1 - delta
+    out = {"identity_distance": _identity_distance(op, dense)}
+
+    if dense is not None and n <= FULL_NEAR_MAX_N:
+        w_all, v_all = np.linalg.eig(dense)
+        mod = np.abs(np.abs(w_all) - 1) <= delta
+        order = np.argsort(np.abs(w_all - 1))
+        inside = np.abs(w_all - 1) <= delta
+        out.update(
+            method="dense",
+            n_near=int(mod.sum()),
+            n_near_complex=int(inside.sum()),
+            complete=True,
+            complex_complete=True,
+            vectors=v_all[:, mod],
+            # Those within delta of 1, or the nearest one when there is none.
+            eigenvalues=w_all[order[: max(1, int(inside.sum()))]],
+        )
+        return out
+
+    matrix = dense if dense is not None else op.obj
+    if op.kind == "linop" and dense is None:
+        # No factorization of A - I to invert: only the leading eigenvalues.
+        logger.info("eigenvalues near 1 only among the %d leading ones", len(w_top))
+        out.update(
+            method="top-k",
+            n_near=int(top_mod.sum()),
+            n_near_complex=int((np.abs(w_top - 1) <= delta).sum()),
+            complete=bool(top_reaches_below),
+            complex_complete=bool(top_reaches_below),
+            vectors=v_top[:, top_mod],
+            eigenvalues=w_top[np.argsort(np.abs(w_top - 1))],
+        )
+        return out
+
+    from opextract import NonConvergenceWarning
+
+    limit = n - 2  # ARPACK needs k < n - 1 for a real operator
+    max_k = min(limit, max(max_k, k_near))
+    k = min(limit, k_near)
+    v0 = make_rng(rng).standard_normal(n)
+    converged = True
+    while True:
+        try:
+            w, v = spla.eigs(matrix, k=k, sigma=SIGMA, which="LM", v0=v0)
+        except spla.ArpackNoConvergence as exc:
+            w, v = exc.eigenvalues, exc.eigenvectors
+            converged = False
+            warnings.warn(
+                f"shift-invert around 1 found {len(w)} of {k} eigenvalues; the "
+                "counts of eigenvalues near 1 are lower bounds",
+                NonConvergenceWarning,
+                stacklevel=3,
+            )
+        order = np.argsort(np.abs(w - 1))
+        w, v = w[order], v[:, order]
+        all_inside = len(w) > 0 and bool((np.abs(w - 1) <= delta).all())
+        if not (converged and all_inside) or k >= max_k:
+            break
+        k = min(max_k, 2 * k)
+
+    complex_complete = converged and not all_inside
+    mod = np.abs(np.abs(w) - 1) <= delta
+    # w holds every eigenvalue within `radius` of sigma; leading eigenvalues
+    # clearly outside that disc are not among w and are counted on their own.
+    radius = float(np.abs(w - SIGMA).max()) if len(w) else 0.0
+    outside = np.abs(w_top - SIGMA) > radius + 1e-8 * (1 + radius)
+    extra = top_mod & outside
+    out.update(
+        method="shift-invert",
+        n_near=int(mod.sum() + extra.sum()),
+        n_near_complex=int((np.abs(w - 1) <= delta).sum()),
+        complete=bool(converged and top_reaches_below),
+        complex_complete=bool(complex_complete),
+        vectors=np.concatenate([v[:, mod], v_top[:, extra]], axis=1),
+        eigenvalues=w,
+    )
+    return out
 
 
 def _is_module(obj: Any) -> bool:
@@ -480,15 +771,17 @@ def _is_module(obj: Any) -> bool:
     return isinstance(obj, torch.nn.Module)
 
 
-def _from_model(model, input_shape, layout, r_min):
+def _from_model(model, input_shape, layout, need_factors):
     import opextract
 
     operator = opextract.to_sparse(model, input_shape, layout=layout)
-    rank_info = None
-    if r_min is None:
+    factors = None
+    if need_factors:
         try:
-            rank_info = rank_bound(opextract.factors(model, input_shape, layout=layout))
+            factors = opextract.factors(model, input_shape, layout=layout)
         except (NotImplementedError, TypeError, ValueError) as exc:
             # Graphs whose factors do not form a chain: no r_min from factors.
-            logger.info("no factor rank bound: %s", exc)
-    return operator, rank_info
+            logger.info("no factors: %s", exc)
+        if factors is not None and not isinstance(factors, list):
+            factors = None
+    return operator, factors

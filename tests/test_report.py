@@ -111,6 +111,11 @@ def test_roundtrip_dict_json_and_table():
         assert line in text
     with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
         MemorizationReport.from_dict({**d, "bogus": 1})
+    # Reports saved before the part (b) and near-1 fields existed still load.
+    new = ("part", "downsampling", "downsampling_source", "rank_upper")
+    old = {key: value for key, value in d.items() if key not in new}
+    old = {key: value for key, value in old.items() if "near_one_eig" not in key}
+    assert MemorizationReport.from_dict(old).part == "a"
 
 
 def test_no_eigenvalue_near_one():
@@ -145,3 +150,141 @@ def test_model_input_shape_checked():
         ValueError, match=r"X must have shape \(n_images, \*\(1, 2, 2\)\)"
     ):
         memorization_report(net, torch.ones(2, 1, 3, 3))
+
+
+# --------------------------------------------------------------------------
+# parts (a) and (b) of the conjecture
+
+
+def test_part_b_identity_holds_and_low_rank_fails():
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 1, 2, 2))
+    ident = memorization_report(np.eye(4), x, downsampling=False)
+    assert (ident.part, ident.downsampling, ident.downsampling_source) == (
+        "b",
+        False,
+        "argument",
+    )
+    assert ident.checks == {"rank": True} and ident.verdict == "holds"
+    assert ident.rank_upper == 4 and ident.identity_distance == 0.0
+    assert ident.n_near_one == 4 and "part (b)" in ident.reason
+    assert "(b), non-downsampling" in str(ident)
+    # Rank 1 < min(dim span X, r_min) = 2: part (b) fails.
+    low = memorization_report(projector(x.reshape(2, -1)[:1]), x, downsampling=False)
+    assert low.predicted_rank == 2 and low.numerical_rank == 1
+    assert low.checks == {"rank": False} and low.verdict == "does not hold"
+    # The same projector judged by part (a) fails on rank, not on alignment.
+    a = memorization_report(projector(x.reshape(2, -1)[:1]), x, downsampling=True)
+    assert a.part == "a" and a.checks["alignment"] and not a.checks["rank"]
+
+
+def test_identity_distance_matches_dense():
+    a = np.random.default_rng(4).standard_normal((9, 9))
+    report = memorization_report(a, np.ones((1, 1, 3, 3)))
+    expected = np.linalg.norm(a - np.eye(9)) / 3
+    assert report.identity_distance == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (lambda: models.ds(init="identity"), True),
+        (lambda: models.nd(channels=2, depth=2, input_size=8, seed=0), False),
+        (lambda: models.d(channels=2, depth=2, input_size=8, seed=0), True),
+    ],
+    ids=["ds", "nd", "d"],
+)
+def test_downsampling_from_model_and_from_factors(build, expected):
+    net = build().double()
+    shape = net.input_shape
+    x = np.random.default_rng(5).random((1, *shape))
+    from_model = memorization_report(net, x)
+    assert from_model.downsampling is expected
+    assert from_model.downsampling_source == "model"
+    assert from_model.part == ("a" if expected else "b")
+    # The same network as operator plus factors: inferred from their shapes.
+    a = opextract.to_sparse(net, shape)
+    fs = opextract.factors(net, shape)
+    from_factors = memorization_report(a, x, factors=fs)
+    assert from_factors.downsampling is expected
+    assert from_factors.downsampling_source == "factors"
+    # Without any: part (a), saying so.
+    bare = memorization_report(a, x, r_min=1)
+    assert (bare.part, bare.downsampling, bare.downsampling_source) == (
+        "a",
+        None,
+        "default",
+    )
+    assert "part (a) by default" in bare.reason
+
+
+def test_downsampling_from_plain_matrix_factors():
+    rng = np.random.default_rng(6)
+    x = rng.random((1, 1, 2, 2))
+    square = [rng.standard_normal((4, 4)) for _ in range(2)]
+    report = memorization_report(square[1] @ square[0], x, factors=square)
+    assert (report.downsampling, report.part) == (False, "b")
+
+
+def test_downsampling_must_be_bool():
+    with pytest.raises(TypeError, match=r"downsampling must be True, False or None"):
+        memorization_report(np.eye(4), np.ones((1, 1, 2, 2)), downsampling="yes")
+
+
+# --------------------------------------------------------------------------
+# eigenvalues near 1 are searched for, not only among the leading ones
+
+
+def rotated_diagonal(d, seed):
+    q = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(d), len(d))))[0]
+    return (q * d) @ q.T, q
+
+
+@pytest.mark.parametrize("n", [40, 1100], ids=["dense", "shift-invert"])
+def test_eigenvalue_one_found_behind_large_ones(n):
+    # One eigenvalue 1 whose eigenvector is the training image, behind 20
+    # eigenvalues of modulus about 3 that fill the top k.
+    rng = np.random.default_rng(7)
+    d = np.r_[1.0, 3 + rng.random(20), 0.01 * rng.random(n - 21)]
+    a, q = rotated_diagonal(d, 8)
+    x = q[:, :1].T.reshape(1, 1, 1, n)
+    report = memorization_report(a, x, k=16, r_min=1, downsampling=True)
+    assert np.abs(report.eigenvalues).min() > 2.9  # the top 16: all near 3
+    assert report.near_one_method == ("dense" if n <= 1024 else "shift-invert")
+    assert report.n_near_one == 1 == report.n_near_one_complex
+    assert report.near_one_eigenvalues[0] == pytest.approx(1.0, abs=1e-8)
+    assert report.alignment_max_residual < 1e-6 and report.checks["alignment"]
+    assert report.near_one_complex_complete
+    # The top 16 do not reach below 1 - delta: eigenvalues of modulus near 1
+    # away from 1 could hide behind them, so the count is "at least" with
+    # shift-invert, exact with all eigenvalues.
+    assert report.near_one_complete is (n <= 1024)
+
+
+def test_many_eigenvalues_one_counted_as_lower_bound():
+    n = 1100
+    d = np.r_[np.ones(200), np.zeros(n - 200)]
+    a, q = rotated_diagonal(d, 9)
+    x = q[:, :2].T.reshape(2, 1, 1, n)
+    report = memorization_report(a, x, k=8, r_min=200, downsampling=True)
+    # Shift-invert doubles 16 -> 128 and stops at its cap, all within delta.
+    assert report.n_near_one_complex == 128 and not report.near_one_complex_complete
+    assert not report.near_one_complete and "at least 128" in str(report)
+    assert "at least" in report.reason
+    # Part (b) makes a single pass.
+    b = memorization_report(a, x, k=8, r_min=200, downsampling=False)
+    assert b.n_near_one_complex == 16 and not b.near_one_complex_complete
+
+
+def test_shift_invert_agrees_with_dense_on_a_random_operator():
+    n = 1030
+    rng = np.random.default_rng(10)
+    a = np.eye(n) + 0.02 * rng.standard_normal((n, n)) / np.sqrt(n) * 10
+    x = rng.random((3, 1, 1, n))
+    report = memorization_report(a, x, k=8, r_min=n, downsampling=True)
+    w = np.linalg.eigvals(a)
+    expected = np.sort(np.abs(w - 1))[: len(report.near_one_eigenvalues)]
+    np.testing.assert_allclose(
+        np.abs(report.near_one_eigenvalues - 1), expected, rtol=1e-8, atol=1e-10
+    )
+    assert report.n_near_one_complex == int((np.abs(w - 1) <= 0.05).sum())
