@@ -11,6 +11,7 @@ operator   the operator: CSR (``data``, ``indices``, ``indptr``) or
            ``model``, ``weights_sha256``, ...)
 factors    one subgroup per factor (``0``, ``1``, ...), CSR, with ``path``,
            ``module_type``, ``in_shape``, ``out_shape``, ``layout``
+           (:func:`export_results` writes it only with ``save_factors``)
 spectrum   ``eigenvalues`` (complex) and optionally ``eigenvectors``
 report     the memorization report as JSON (``report.to_dict()``)
 dataset    ``images`` and their attributes
@@ -35,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -87,14 +89,21 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     pathlib.Path
         Where to write. It is removed if the block raises.
 
+    Notes
+    -----
+    The file gets the permissions a plain ``open(path, "w")`` would give it:
+    those of the file it replaces, or ``0o666`` less the process umask for a
+    new file (not the ``0o600`` of :func:`tempfile.mkstemp`).
+
     Examples
     --------
     >>> import os, tempfile
-    >>> target = os.path.join(tempfile.mkdtemp(), "out.txt")
-    >>> with atomic_write(target) as tmp:
-    ...     _ = tmp.write_text("done")
-    >>> open(target).read()
-    'done'
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     target = os.path.join(folder, "out.txt")
+    ...     with atomic_write(target) as tmp:
+    ...         _ = tmp.write_text("done")
+    ...     print(open(target).read())
+    done
     """
     target = Path(path)
     if not target.parent.is_dir():
@@ -105,8 +114,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
     )
-    os.close(fd)
     tmp_path = Path(tmp)
+    try:
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -114,6 +130,21 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Elsewhere the only way to read it is to set it and put it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -356,11 +387,13 @@ def save_operator(
     --------
     >>> import os, tempfile
     >>> import scipy.sparse as sp
-    >>> path = os.path.join(tempfile.mkdtemp(), "op.h5")
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(folder.name, "op.h5")
     >>> save_operator(path, sp.eye_array(4, format="csr"), input_shape=(1, 2, 2))
     >>> A, attrs = load_operator(path)
     >>> A.nnz, attrs["input_shape"], attrs["dtype"]
     (4, (1, 2, 2), 'float64')
+    >>> folder.cleanup()
     """
     if not (sp.issparse(A) or isinstance(A, np.ndarray)):
         raise TypeError(
@@ -454,11 +487,13 @@ def save_spectrum(path: str | os.PathLike, w: Any, v: Any = None, **attrs: Any) 
     --------
     >>> import os, tempfile
     >>> import numpy as np
-    >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(folder.name, "s.h5")
     >>> save_spectrum(path, np.array([1 + 1j, 1 - 1j]), method="dense")
     >>> w, v, attrs = load_spectrum(path)
     >>> w, v, attrs["method"]
     (array([1.+1.j, 1.-1.j]), None, 'dense')
+    >>> folder.cleanup()
     """
     w = np.asarray(w, dtype=np.complex128)
     if w.ndim != 1:
@@ -563,14 +598,16 @@ def export_results(
     layout: str = "compact",
     delta: float = 0.05,
     save_eigenvectors: bool = True,
+    save_factors: bool = False,
     **report_options: Any,
 ):
-    """Export a trained network's operator, factors, spectrum and report.
+    """Export a trained network's operator, spectrum and report (and factors).
 
     One atomic write of one HDF5 file with the groups ``operator`` (with
     provenance: input shape, layout, dtype, model description, weights
-    hash), ``factors``, ``spectrum``, ``report``, ``dataset`` (the training
-    images), and ``history`` and ``config`` when given.
+    hash, and ``r_min`` when known), ``spectrum``, ``report``, ``dataset``
+    (the training images), ``history`` and ``config`` when given, and
+    ``factors`` when ``save_factors`` is True.
 
     Parameters
     ----------
@@ -587,9 +624,17 @@ def export_results(
     config : mapping, optional
         The run configuration, stored as JSON.
     k, layout, delta, **report_options
-        Passed to :func:`analysis.memorization_report`.
+        Passed to :func:`analysis.memorization_report`. Unless given there,
+        ``downsampling`` is the model's ``downsampling`` attribute (None when
+        it has none: the report then infers it from the factors). With
+        ``r_min`` given, no factor rank is computed.
     save_eigenvectors : bool
         Store the eigenvectors of the report's eigenvalues too.
+    save_factors : bool, default False
+        Store the factors too (group ``factors``, with ``r_min`` as an
+        attribute). Off by default: for a network of 16 to 32 channels on
+        3x32x32 images they take about 340 MB, against a few MB for the
+        operator; :func:`opextract.factors` rebuilds them from the model.
 
     Returns
     -------
@@ -601,15 +646,16 @@ def export_results(
     >>> import os, tempfile
     >>> import numpy as np
     >>> from analysis import models
-    >>> path = os.path.join(tempfile.mkdtemp(), "ds.h5")
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(folder.name, "ds.h5")
     >>> x = np.eye(4).reshape(4, 1, 2, 2)
     >>> export_results(path, models.ds(init="identity"), x).verdict
     'holds'
     >>> load_report(path).n_near_one
     4
+    >>> folder.cleanup()
     """
     import opextract
-    from analysis.ranks import rank_bound
     from analysis.report import memorization_report
 
     if input_shape is None:
@@ -619,13 +665,22 @@ def export_results(
         images = images.detach().cpu().numpy()
     images = np.asarray(images)
 
+    report_options.setdefault("downsampling", getattr(model, "downsampling", None))
+
     A = opextract.to_sparse(model, input_shape, layout=layout)
-    try:
-        factors = opextract.factors(model, input_shape, layout=layout)
-        if not isinstance(factors, list):
-            factors = None  # a branching graph: no chain of factors to store
-    except (NotImplementedError, TypeError, ValueError):
-        factors = None
+    factors = None
+    need_factors = (
+        save_factors
+        or report_options.get("r_min") is None
+        or report_options["downsampling"] is None
+    )
+    if need_factors:
+        try:
+            factors = opextract.factors(model, input_shape, layout=layout)
+            if not isinstance(factors, list):
+                factors = None  # a branching graph: no chain of factors to store
+        except (NotImplementedError, TypeError, ValueError):
+            factors = None
     report = memorization_report(
         A,
         images,
@@ -655,11 +710,13 @@ def export_results(
                     "dtype": str(A.dtype),
                     "model": model_description(model),
                     "weights_sha256": weights_hash(model),
+                    "r_min": report.r_min,
                 },
             )
-            if factors is not None:
+            if save_factors and factors is not None:
                 _write_factors(f, factors)
-                f["factors"].attrs["r_min"] = rank_bound(factors).r_min
+                if report.r_min is not None:
+                    f["factors"].attrs["r_min"] = report.r_min
             s = f.create_group("spectrum")
             s.create_dataset("eigenvalues", data=report.eigenvalues)
             if vectors is not None:

@@ -75,11 +75,17 @@ def test_export_results_one_call(tmp_path):
     path = tmp_path / "run" / "result.h5"
     path.parent.mkdir()
     history = {"losses": [1.0, 0.5], "stop_reason": "max_iter", "iterations": 2}
-    report = aio.export_results(path, net, x, history=history, config={"lr": 1e-3})
+    report = aio.export_results(
+        path, net, x, history=history, config={"lr": 1e-3}, save_factors=True
+    )
     assert report.verdict == "holds"
+    assert (report.part, report.downsampling) == ("a", True)
     a, attrs = aio.load_operator(path)
     np.testing.assert_array_equal(a.toarray(), np.eye(4))
     assert attrs["input_shape"] == (1, 2, 2) and attrs["layout"] == "compact"
+    assert attrs["r_min"] == 4
+    with h5py.File(path) as f:
+        assert f["factors"].attrs["r_min"] == 4
     assert attrs["weights_sha256"] == aio.weights_hash(net)
     assert json.loads(attrs["model"])["config"]["init"] == "identity"
     factors = aio.load_factors(path)
@@ -97,6 +103,46 @@ def test_export_results_one_call(tmp_path):
     images, _ = aio.load_dataset(path)
     np.testing.assert_array_equal(images, x.numpy())
     assert [p.name for p in path.parent.iterdir()] == ["result.h5"]  # no temp left
+
+
+def test_export_results_factors_opt_in_and_r_min_not_recomputed(tmp_path, monkeypatch):
+    import analysis.report
+
+    def no_rank_bound(*args, **kwargs):
+        raise AssertionError("rank_bound must not run when r_min is given")
+
+    monkeypatch.setattr(analysis.report, "rank_bound", no_rank_bound)
+    net = models.nd(channels=2, depth=2, input_size=4, seed=0).double()
+    x = np.random.default_rng(0).random((1, 3, 4, 4))
+    path = tmp_path / "nd.h5"
+    report = aio.export_results(path, net, x, r_min=48)
+    assert report.r_min == 48 and report.factor_methods is None
+    assert (report.part, report.downsampling, report.downsampling_source) == (
+        "b",
+        False,
+        "argument",
+    )
+    with h5py.File(path) as f:
+        assert "factors" not in f and f["operator"].attrs["r_min"] == 48
+    with pytest.raises(aio.ResultsFileError, match=r"has no 'factors' group"):
+        aio.load_factors(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_applies_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        target = tmp_path / "new.txt"
+        with aio.atomic_write(target) as tmp:
+            tmp.write_text("x")
+        assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+        # Rewriting keeps the mode of the file it replaces, like open(path, "w").
+        target.chmod(0o640)
+        with aio.atomic_write(target) as tmp:
+            tmp.write_text("y")
+        assert target.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
 
 
 def test_weights_hash_changes_with_weights():
