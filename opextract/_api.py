@@ -136,6 +136,23 @@ def _forward64(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 # Building
 
 
+def _batched_jvp(model: nn.Module, at: torch.Tensor, device: torch.device):
+    """``tangents (k, *input_shape) -> (k, n_out)``: Jacobian-vector products
+    of ``model`` at ``at`` in float64 on ``device``."""
+    model64 = copy.deepcopy(model).to(device=device, dtype=torch.float64)
+    point = at.to(device=device, dtype=torch.float64)
+
+    def one(v):
+        return torch.func.jvp(model64, (point,), (v[None],))[1].reshape(-1)
+
+    def products(tangents: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            out = torch.func.vmap(one)(tangents.to(device))
+        return out.cpu().numpy()
+
+    return products
+
+
 def _graph_factors(model, input_shape, *, dtype, at, bias):
     try:
         from opextract import _graph
@@ -332,7 +349,13 @@ def to_sparse(
     rows is multiplied out (see the performance page of the documentation).
     Other chains are multiplied in an order planned from sampled row counts.
     The factors of :func:`factors` are not fused; their product is the same
-    matrix.
+    matrix. With ``at``, a chain of convolutions, nearest upsamplings and
+    elementwise activations in which each input reaches only a window of the
+    output (a downsampling network) is instead run forward on sums of basis
+    vectors whose columns do not overlap (compressed Jacobian-vector
+    products, on the GPU when there is one), about as many as the largest
+    number of inputs one output depends on; each entry is then read off
+    without rounding.
 
     Examples
     --------
@@ -362,7 +385,15 @@ def to_sparse(
             matrix = built.to_sparse("compact", max_bytes)
             out_shape = _graph_out_shape(built, model, input_shape)
         else:
-            matrix = _compose.compose_chain(built)
+            plan = _compose.compression_plan(built) if at_t is not None else None
+            if plan is not None:
+                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                products = _compose.linearized_forward(built, device)
+                if products is None:
+                    products = _batched_jvp(model, at_t, device)
+                matrix = _compose.compressed_local(built, products, plan, dtype)
+            else:
+                matrix = _compose.compose_chain(built)
             out_shape = tuple(built[-1].built.out_shape)
     result = to_layout(matrix, out_shape, input_shape, layout)
     if bias != "offset":

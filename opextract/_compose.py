@@ -720,3 +720,279 @@ def _finish(result) -> sp.csr_array:
         result.sort_indices()
         return result
     return dense_to_csr(result)
+
+
+# ---------------------------------------------------------------------------
+# Local operators by compressed forward-mode products.
+#
+# At a point, a chain of convolutions, nearest upsamplings and elementwise
+# activations has a Jacobian whose pattern is contained in that of the linear
+# chain: along each spatial axis, output position o can depend on input
+# position i only if some sequence of taps connects them, and every channel
+# may mix with every other. Two inputs whose sets of reachable outputs are
+# disjoint can share one Jacobian-vector product: the sum of their basis
+# vectors gives the sum of their columns, and each output entry belongs to at
+# most one of them (the other terms are exact zeros, so nothing is rounded).
+# Coloring the inputs axis by axis (two positions conflict when their
+# reachable sets on that axis meet) and keeping channels apart gives few
+# products when the network reaches only a window of the output from each
+# input, as a downsampling network does.
+
+#: Compressed products are used when they number at most the inputs over this.
+COMPRESSION_GAIN = 16
+_JVP_CHUNK_BYTES = 256 * 2**20
+
+
+def _axis_reach(layers, nd):
+    """Per spatial axis, the boolean (n_out, n_in) reach of the whole chain.
+
+    None when a layer is neither translation structured nor an elementwise
+    diagonal (its pattern along the axes is then not known here).
+    """
+    reach = None
+    for layer in layers:
+        if layer.paths is not None and len(layer.paths) == nd:
+            step = []
+            for axis, (_k, o, _tap, pos) in enumerate(layer.paths):
+                n_out = int(layer.built.out_shape[1 + axis])
+                n_in = int(layer.in_shape[1 + axis])
+                r = np.zeros((n_out, n_in), dtype=bool)
+                r[o, pos] = True
+                step.append(r)
+        elif _diagonal_values(layer) is not None:
+            continue
+        else:
+            return None
+        if reach is None:
+            reach = step
+        else:
+            reach = [
+                (s.astype(np.int64) @ r.astype(np.int64)) > 0
+                for s, r in zip(step, reach)
+            ]
+    return reach
+
+
+def _greedy_colors(reach: np.ndarray) -> np.ndarray:
+    """Color the columns of ``reach`` so that columns of one color are disjoint."""
+    conflict = (reach.T.astype(np.int64) @ reach.astype(np.int64)) > 0
+    n = reach.shape[1]
+    colors = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        used = set(colors[:i][conflict[i, :i]].tolist())
+        c = 0
+        while c in used:
+            c += 1
+        colors[i] = c
+    return colors
+
+
+def compression_plan(layers):
+    """Colors of the inputs of a chain for compressed products, or None.
+
+    Returns ``(colors, n_colors, reach)``: the color of every flattened input,
+    their number and the per-axis reach. None when the chain's pattern is
+    not known here or compression would not save enough products.
+    """
+    in_shape = tuple(layers[0].in_shape)
+    nd = len(in_shape) - 1
+    if nd < 1:
+        return None
+    reach = _axis_reach(layers, nd)
+    if reach is None:
+        return None
+    axis_colors = [_greedy_colors(r) for r in reach]
+    n_axis = [int(c.max(initial=-1)) + 1 for c in axis_colors]
+    n_colors = in_shape[0] * int(np.prod(n_axis))
+    n_in = int(np.prod(in_shape))
+    if n_colors * COMPRESSION_GAIN > n_in:
+        return None
+    colors = _ravel([np.arange(in_shape[0])] + axis_colors, [in_shape[0], *n_axis])
+    return colors, n_colors, reach
+
+
+def compressed_local(layers, jvp, plan, dtype) -> sp.csr_array:
+    """The Jacobian of a chain from compressed Jacobian-vector products.
+
+    ``jvp(tangents)`` maps a float64 tensor of shape ``(k, *in_shape)`` to the
+    products ``(k, n_out)`` as a NumPy array; ``plan`` is
+    :func:`compression_plan`'s result.
+    """
+    import torch
+
+    colors, n_colors, reach = plan
+    in_shape = tuple(layers[0].in_shape)
+    out_shape = tuple(layers[-1].built.out_shape)
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+    check_bytes(n_colors * n_out * 8, f"{n_colors} Jacobian-vector products")
+
+    widest = max(int(np.prod(la.built.out_shape)) for la in layers)
+    chunk = max(1, min(n_colors, _JVP_CHUNK_BYTES // (16 * widest)))
+    products = np.empty((n_colors, n_out))
+    for start in range(0, n_colors, chunk):
+        stop = min(start + chunk, n_colors)
+        tangents = np.zeros((stop - start, n_in))
+        mine = (colors >= start) & (colors < stop)
+        tangents[colors[mine] - start, np.flatnonzero(mine)] = 1.0
+        t = torch.from_numpy(tangents).reshape(stop - start, *in_shape)
+        products[start:stop] = jvp(t)
+
+    # Every (output, input) pair of the pattern: channels times axis pairs.
+    pairs = [np.nonzero(r) for r in reach]
+    grids = np.meshgrid(
+        np.arange(out_shape[0]),
+        np.arange(in_shape[0]),
+        *[np.arange(len(p[0])) for p in pairs],
+        indexing="ij",
+        sparse=True,
+    )
+    rows, cols = grids[0], grids[1]
+    for axis, (o, i) in enumerate(pairs):
+        rows = rows * out_shape[1 + axis] + o[grids[2 + axis]]
+        cols = cols * in_shape[1 + axis] + i[grids[2 + axis]]
+    rows, cols = np.broadcast_arrays(rows, cols)
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    values = products[colors[cols], rows]
+    keep = values != 0
+    out = sp.csr_array(
+        (values[keep].astype(dtype), (rows[keep], cols[keep])), shape=(n_out, n_in)
+    )
+    out.sum_duplicates()
+    out.sort_indices()
+    return out
+
+
+def _diagonal_values(layer):
+    """The diagonal of a layer whose matrix is diagonal (an activation at a
+    point, zeros of a flat piece possibly not stored), else None."""
+    m = layer.built.matrix
+    if (
+        layer.virtual is not None
+        or m is None
+        or tuple(layer.built.out_shape) != tuple(layer.in_shape)
+    ):
+        return None
+    m = sp.csr_array(m)
+    counts = np.diff(m.indptr)
+    if counts.max(initial=0) > 1:
+        return None
+    rows = np.flatnonzero(counts)
+    if not np.array_equal(m.indices, rows):
+        return None
+    d = np.zeros(m.shape[0], dtype=np.float64)
+    d[rows] = m.data
+    return d
+
+
+def _upconv_step(layer, conv, device):
+    """Nearest upsampling by s then a stride-1 convolution, as one transposed
+    convolution of stride s on the coarse grid: each coarse entry reaches a
+    window of s + k - 1 fine outputs per axis, which costs about s / k times
+    less per axis than convolving the upsampled input."""
+    import torch
+    import torch.nn.functional as F
+
+    transposed = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+    if (
+        type(conv) not in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or any(v != 1 for v in conv.stride)
+        or any(v != 1 for v in conv.dilation)
+        or isinstance(conv.padding, str)
+    ):
+        return None
+    k, p = tuple(conv.kernel_size), tuple(conv.padding)
+    coarse, out = layer.in_shape[1:], layer.built.out_shape[1:]
+    fine = [o + kk - 1 - 2 * pp for o, kk, pp in zip(out, k, p)]
+    if any(f % c or pp > kk - 1 for f, c, kk, pp in zip(fine, coarse, k, p)):
+        return None
+    scale = tuple(f // c for f, c in zip(fine, coarse))
+    kernel = conv.weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    for axis, (s, kk, pp) in enumerate(zip(scale, k, p)):
+        # Offset a of the transposed kernel receives tap t when fine output
+        # s*i + a - (kk - 1 - pp) reads coarse entry i through tap t.
+        a = np.arange(s + kk - 1)[:, None] - (kk - 1 - pp)
+        t = np.arange(kk)[None, :]
+        select = ((a >= pp - t) & (a <= pp - t + s - 1)).astype(np.float64)
+        kernel = np.moveaxis(
+            np.tensordot(kernel, select, axes=([2 + axis], [1])), -1, 2 + axis
+        )
+    kernel = torch.from_numpy(np.ascontiguousarray(kernel.swapaxes(0, 1)))
+    kernel = kernel.to(device)
+    padding = tuple(kk - 1 - pp for kk, pp in zip(k, p))
+    function = transposed[len(k)]
+
+    def step(t):
+        return function(t, kernel, stride=scale, padding=padding)
+
+    return step
+
+
+def linearized_forward(layers, device):
+    """``t -> J t`` for a batch of tangents, through the chain's own layers.
+
+    Each convolution runs as the torch layer without its bias, each diagonal
+    (an activation at the point) scales, and a fused upsampling and
+    convolution runs as one transposed convolution. Every step is checked on
+    a random vector against the layer's matrix. None when a layer is not one
+    of these (the caller then differentiates the model itself).
+    """
+    import copy
+
+    import torch
+
+    steps = []
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        d = _diagonal_values(layer)
+        module = layer.module
+        step = None
+        if d is not None:
+            scale = torch.from_numpy(d.reshape(layer.in_shape)).to(device)
+
+            def step(t, scale=scale):
+                return t * scale
+
+        elif "+" in layer.path:
+            step = _upconv_step(layer, module, device)
+        elif isinstance(module, torch.nn.modules.conv._ConvNd) and not isinstance(
+            module, torch.nn.modules.conv._ConvTransposeNd
+        ):
+            conv = copy.deepcopy(module).to(device=device, dtype=torch.float64)
+            weight = conv.weight.detach()
+
+            def step(t, conv=conv, weight=weight):
+                return conv._conv_forward(t, weight, None)
+
+        if step is None:
+            return None
+        # Sampled rows of the layer's matrix against the step on one vector.
+        v = rng.standard_normal(int(np.prod(layer.in_shape)))
+        n_out = int(np.prod(layer.built.out_shape))
+        rows = np.sort(rng.choice(n_out, size=min(n_out, 256), replace=False))
+        if layer.virtual is not None:
+            expected = layer.virtual.rows(rows) @ v
+        else:
+            expected = sp.csr_array(layer.built.matrix)[rows] @ v
+        with torch.no_grad():
+            t = torch.from_numpy(v.reshape(1, *layer.in_shape)).to(device)
+            got = step(t).reshape(-1).cpu().numpy()
+        if got.shape != (n_out,):
+            return None
+        got = got[rows]
+        if not np.allclose(
+            got, expected, rtol=1e-10, atol=1e-12 * max(np.abs(expected).max(), 1)
+        ):
+            logger.debug("layer %s: linearized step does not match", layer.path)
+            return None
+        steps.append(step)
+
+    def forward(tangents):
+        with torch.no_grad():
+            t = tangents.to(device)
+            for step in steps:
+                t = step(t)
+        return t.reshape(t.shape[0], -1).cpu().numpy()
+
+    return forward

@@ -20,6 +20,13 @@ from torch import nn
 import opextract
 from opextract import UnsupportedLayerError
 
+# torch.func.jvp, which the local operator uses on layers it cannot run
+# itself, loads torch's forward-mode decompositions through torch.jit.script
+# on first use; the deprecation is inside torch and nothing here avoids it.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
+
 
 def _jacobian(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     """Dense Jacobian of ``model`` at ``x`` (shape (1, *in_shape)) by autograd."""
@@ -234,3 +241,58 @@ def test_large_network_matches_finite_differences():
             fd = (model(x + h * v) - model(x - h * v)).reshape(-1).numpy() / (2 * h)
         jv = J @ v.reshape(-1).numpy()
         assert_close(jv, fd, rtol=1e-6, atol=1e-6 * np.abs(fd).max())
+
+
+# ---------------------------------------------------------------------------
+# Compressed Jacobian-vector products (downsampling networks)
+
+
+def _downsampling(dims: int, tail: str, bias: bool) -> nn.Module:
+    """Conv stride 8, LeakyReLU, Upsample x8, Conv, ReLU, Conv (3-tap kernels)."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    layers = [conv(2, 4, 3, stride=8, padding=1, bias=bias), nn.LeakyReLU(0.2)]
+    layers += [nn.Upsample(scale_factor=8), conv(4, 4, 3, padding=1, bias=bias)]
+    layers += [nn.ReLU(), conv(4, 2, 3, padding=1, bias=bias)]
+    if tail == "upsample":
+        # Not followed by a convolution: not fused, so the model is differentiated.
+        layers += [nn.Upsample(scale_factor=2)]
+    return nn.Sequential(*layers).double()
+
+
+@pytest.mark.parametrize(
+    ("dims", "tail", "linearized"),
+    [(2, "conv", True), (2, "upsample", False), (1, "conv", True)],
+    ids=["2d-layers", "2d-autograd", "1d-layers"],
+)
+def test_compressed_products_match_jacrev(dims, tail, linearized, monkeypatch):
+    from opextract import _compose
+
+    calls = {}
+
+    def spy(name):
+        original = getattr(_compose, name)
+
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            calls[name] = out
+            return out
+
+        monkeypatch.setattr(_compose, name, wrapped)
+
+    spy("compression_plan")
+    spy("linearized_forward")
+    model = _downsampling(dims, tail, bias=True)
+    shape = (2, 256) if dims == 1 else (2, 32, 32)
+    x = torch.tensor(np.random.default_rng(0).standard_normal((1, *shape)))
+    J, offset = opextract.to_sparse(model, shape, at=x, bias="offset")
+    assert calls["compression_plan"] is not None
+    assert (calls["linearized_forward"] is not None) == linearized
+    assert_close(J, _jacobian(model, x), rtol=1e-12, atol=1e-13)
+    with torch.no_grad():
+        fx = model(x).reshape(-1).numpy()
+    assert_close(J @ x.reshape(-1).numpy() + offset, fx)
+
+    # The composed factors give the same matrix.
+    monkeypatch.setattr(_compose, "COMPRESSION_GAIN", 10**9)
+    assert_close(opextract.to_sparse(model, shape, at=x, bias="ignore"), J)
