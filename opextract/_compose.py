@@ -477,7 +477,13 @@ _DENSE_ROWS_BYTES = 512 * 2**20
 def _rows_through(t: sp.csr_array, matrices) -> sp.csr_array:
     """``t @ matrices[0] @ matrices[1] @ ...`` for a few rows ``t``."""
     for m in matrices:
-        if _is_diagonal(m):
+        if _is_diagonal(m) and not sp.issparse(t) and t.dtype == m.dtype:
+            # The dense block is this loop's own: scale its columns in place
+            # rather than allocating another block.
+            d = np.zeros(m.shape[1], dtype=m.dtype)
+            d[m.indices] = m.data
+            t *= d[None, :]
+        elif _is_diagonal(m):
             t = multiply(t, m)
         elif t.shape[0] * m.shape[1] * 8 <= _DENSE_ROWS_BYTES:
             t = multiply(t, m, dense=True)
