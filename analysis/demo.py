@@ -488,7 +488,12 @@ def _analyse(path: Path, model, X: np.ndarray, hist, k: int):
     # general position); the exact ranks of the large factors would cost
     # minutes of dense SVDs, more than the rest of the demo.
     report = memorization_report(
-        A, X, input_shape=shape, k=k, r_min=int(model.r_min_bound)
+        A,
+        X,
+        input_shape=shape,
+        k=k,
+        r_min=int(model.r_min_bound),
+        downsampling=bool(model.downsampling),
     )
     if path.exists():
         path.unlink()  # a rerun replaces the file rather than updating it
