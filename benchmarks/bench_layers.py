@@ -6,6 +6,8 @@ Run from the repository root::
     python benchmarks/bench_layers.py            # all sections
     python benchmarks/bench_layers.py --quick    # small cases only
     python benchmarks/bench_layers.py --local-channels 64
+    python benchmarks/bench_layers.py --skip-local   # builders only
+    python benchmarks/bench_layers.py --local-only --local-model nld-64-192
 
 Every row is measured in this process. ``builder`` is the best of a few runs
 after a warm-up (the first call's time, which loads or compiles the Numba
@@ -19,8 +21,9 @@ kernels, is printed separately). Baselines:
 
 The last section compares ``to_sparse(model, input_shape, at=x)`` on a
 D-type network with LeakyReLU after every convolution but the last with
-``torch.func.jacrev`` in float64 on 3x32x32, and prints the largest
-difference between the two Jacobians.
+``torch.func.jacrev`` in float64 on 3x32x32 (and with the compressed products
+disabled, the composed factors alone), and prints the largest differences
+between the Jacobians.
 """
 
 from __future__ import annotations
@@ -248,15 +251,34 @@ def nonlinear_d(channels: int, negative_slope: float = 0.2) -> nn.Sequential:
     return nn.Sequential(*layers).double().eval()
 
 
-def bench_local(channels: int) -> None:
-    model = nonlinear_d(channels)
+def bench_local(channels: int, model_name: str = "d") -> None:
+    from opextract import _compose
+
+    if model_name == "d":
+        model = nonlinear_d(channels)
+        title = f"nonlinear D (channels={channels})"
+    else:
+        from analysis.models import nld_ab
+
+        model = nld_ab(64, 192, seed=0).double().eval()
+        title = "NLD_{64,192}"
     shape = (3, 32, 32)
     x = torch.tensor(np.random.default_rng(0).standard_normal((1, *shape)))
-    print(f"Local operator of nonlinear D (channels={channels}) on 3x32x32, float64")
+    print(f"Local operator of {title} on 3x32x32, float64")
     t = time.perf_counter()
     opextract.to_sparse(model, shape, at=x)
     first = time.perf_counter() - t
     t_ours, J = _best(lambda: opextract.to_sparse(model, shape, at=x), repeat=1)
+
+    # The same matrix from the composed factors, compressed products disabled.
+    gain = _compose.COMPRESSION_GAIN
+    _compose.COMPRESSION_GAIN = math.inf
+    try:
+        t_comp, J_comp = _best(
+            lambda: opextract.to_sparse(model, shape, at=x), repeat=1
+        )
+    finally:
+        _compose.COMPRESSION_GAIN = gain
 
     def f(z):
         return model(z[None])[0]
@@ -265,9 +287,14 @@ def bench_local(channels: int) -> None:
     jac = torch.func.jacrev(f, chunk_size=256)(x[0]).reshape(J.shape).detach()
     t_jac = time.perf_counter() - t
     diff = float(np.abs(J.toarray() - jac.numpy()).max())
+    diff_comp = float(abs(J - J_comp).max())
     print(f"{'to_sparse(at=x)':<28}{t_ours:9.3f} s   (first call {first:.3f} s)")
+    print(f"{'  composed factors only':<28}{t_comp:9.3f} s")
     print(f"{'torch.func.jacrev':<28}{t_jac:9.3f} s   speed-up {t_jac / t_ours:.1f}x")
-    print(f"nonzeros {J.nnz:,}; max |difference| {diff:.1e}\n")
+    print(
+        f"nonzeros {J.nnz:,}; max |difference| {diff:.1e} (jacrev), "
+        f"{diff_comp:.1e} (composed)\n"
+    )
 
 
 def main(argv=None) -> None:
@@ -279,13 +306,23 @@ def main(argv=None) -> None:
         default=32,
         help="filters of the nonlinear D network (D has 128)",
     )
+    parser.add_argument(
+        "--local-model",
+        choices=["d", "nld-64-192"],
+        default="d",
+        help="the nonlinear network: D-type with --local-channels, or NLD_{64,192}",
+    )
     parser.add_argument("--skip-local", action="store_true")  # fmt: skip
+    parser.add_argument(
+        "--local-only", action="store_true", help="only the local operator section"
+    )
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    bench_conv_transpose(args.quick)
-    bench_bilinear(args.quick)
+    if not args.local_only:
+        bench_conv_transpose(args.quick)
+        bench_bilinear(args.quick)
     if not args.skip_local:
-        bench_local(8 if args.quick else args.local_channels)
+        bench_local(8 if args.quick else args.local_channels, args.local_model)
 
 
 if __name__ == "__main__":
