@@ -476,7 +476,8 @@ def _analyse(path: Path, model, X: np.ndarray, hist, k: int):
     """Memorization report of one network, saved with its spectrum and data.
 
     The operator itself is not saved: for ND it is a dense 3072 x 3072
-    matrix, and its factors hundreds of megabytes (``opx train`` keeps both).
+    matrix, and its factors hundreds of megabytes (``opx train`` saves the
+    operator; ``analysis.io.export_results(..., save_factors=True)`` both).
     """
     import opextract
     from analysis import io as aio
