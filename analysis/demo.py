@@ -38,8 +38,8 @@ __all__ = ["DemoResult", "run_demo", "summary_text"]
 
 logger = logging.getLogger(__name__)
 
-# The protocol of each part. Full: what the README's demo runs (about two to
-# three minutes on two CPU cores). Quick: the same steps, small enough for
+# The protocol of each part. Full: what the README's demo runs (under a minute on
+# two idle CPU cores). Quick: the same steps, small enough for
 # the test suite.
 _SETTINGS: dict[str, dict[str, Any]] = {
     "full": {
