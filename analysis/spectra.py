@@ -355,6 +355,22 @@ def _real_basis(y: np.ndarray, real: bool) -> np.ndarray:
     return scipy.linalg.orth(y, rcond=1e-10)
 
 
+def _next_block(
+    cand: np.ndarray, basis: np.ndarray, room: int, scale: float, rng
+) -> np.ndarray:
+    """Up to ``room`` orthonormal directions from ``cand``, orthogonal to
+    ``basis``, topped up with random directions when ``cand`` falls short."""
+    new = orth_against(cand, basis, room, 1e-13 * scale)
+    if new.shape[1] < room:
+        # An invariant subspace was found (or the block lost rank): continue
+        # with fresh random directions.
+        n = basis.shape[0]
+        extra = rng.standard_normal((n, room - new.shape[1])).astype(basis.dtype)
+        more = orth_against(extra, np.hstack([basis, new]), room, 1e-8)
+        new = np.hstack([new, more])
+    return new
+
+
 def _eigs_block(op, k, tol, ncv, maxiter, v0, rng, block_size):
     n = op.shape[0]
     b = block_size or min(k, DEFAULT_BLOCK)
@@ -377,13 +393,7 @@ def _eigs_block(op, k, tol, ncv, maxiter, v0, rng, block_size):
         while basis.shape[1] < m:
             scale = max(scale, float(np.linalg.norm(image, axis=0).max()))
             room = min(b, m - basis.shape[1])
-            new = orth_against(image[:, -last:], basis, room, 1e-13 * scale)
-            if new.shape[1] < room:
-                # An invariant subspace was found (or the block lost rank):
-                # continue with fresh random directions.
-                extra = rng.standard_normal((n, room - new.shape[1])).astype(dtype)
-                more = orth_against(extra, np.hstack([basis, new]), room, 1e-8)
-                new = np.hstack([new, more])
+            new = _next_block(image[:, -last:], basis, room, scale, rng)
             if new.shape[1] == 0:
                 break
             basis = np.hstack([basis, new])
@@ -622,11 +632,7 @@ def _svds_block(op, k, tol, ncv, maxiter, v0, rng, block_size):
         while basis.shape[1] < mbasis:
             scale = max(scale, float(np.linalg.norm(cand, axis=0).max()))
             room = min(b, mbasis - basis.shape[1])
-            new = orth_against(cand, basis, room, 1e-13 * scale)
-            if new.shape[1] < room:
-                extra = rng.standard_normal((n, room - new.shape[1])).astype(dtype)
-                more = orth_against(extra, np.hstack([basis, new]), room, 1e-8)
-                new = np.hstack([new, more])
+            new = _next_block(cand, basis, room, scale, rng)
             if new.shape[1] == 0:
                 break
             new_image = op.matmat(new).astype(dtype, copy=False)
