@@ -13,6 +13,24 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True, inline="always")
+def _tap_sum(weight, co, ci, pd, a, ph, b, pw, c, gsd, tapd, gsh, taph, gsw, tapw):
+    """Sum of the kernel weights of every tap that lands on one input position.
+
+    ``(pd, a)``, ``(ph, b)``, ``(pw, c)`` pick, per axis, a pattern (or output
+    position) and one of its distinct input positions; the taps landing there
+    are ``tap*[p, gs*[p, j]:gs*[p, j + 1]]``.
+    """
+    s = 0.0
+    for i in range(gsd[pd, a], gsd[pd, a + 1]):
+        kd = tapd[pd, i]
+        for j in range(gsh[ph, b], gsh[ph, b + 1]):
+            kh = taph[ph, j]
+            for k in range(gsw[pw, c], gsw[pw, c + 1]):
+                s += weight[co, ci, kd, kh, tapw[pw, k]]
+    return s
+
+
 @njit(cache=True)
 def conv_indptr(indptr, cout, od_n, oh_n, ow_n, cin_g, ngd, ngh, ngw):
     """Fill ``indptr`` of a convolution matrix from per-axis column counts."""
@@ -80,15 +98,11 @@ def conv_fill_general(
                     for b in range(ngh[oh]):
                         base_h = base_d + colh[oh, b] * w_in
                         for c in range(ngw[ow]):
-                            s = 0.0
-                            for i in range(gsd[od, a], gsd[od, a + 1]):
-                                kd = tapd[od, i]
-                                for j in range(gsh[oh, b], gsh[oh, b + 1]):
-                                    kh = taph[oh, j]
-                                    for k in range(gsw[ow, c], gsw[ow, c + 1]):
-                                        s += weight[co, ci, kd, kh, tapw[ow, k]]
                             indices[pos] = base_h + colw[ow, c]
-                            data[pos] = s
+                            data[pos] = _tap_sum(
+                                weight, co, ci, od, a, oh, b, ow, c,
+                                gsd, tapd, gsh, taph, gsw, tapw,
+                            )  # fmt: skip
                             pos += 1
 
 
@@ -139,13 +153,10 @@ def conv_templates(
                             for b in range(ngh[ph]):
                                 off_h = off_d + relh[ph, b] * w_in
                                 for c in range(ngw[pw]):
-                                    s = 0.0
-                                    for i in range(gsd[pd, a], gsd[pd, a + 1]):
-                                        kd = tapd[pd, i]
-                                        for j in range(gsh[ph, b], gsh[ph, b + 1]):
-                                            kh = taph[ph, j]
-                                            for k in range(gsw[pw, c], gsw[pw, c + 1]):
-                                                s += weight[co, ci, kd, kh, tapw[pw, k]]
+                                    s = _tap_sum(
+                                        weight, co, ci, pd, a, ph, b, pw, c,
+                                        gsd, tapd, gsh, taph, gsw, tapw,
+                                    )  # fmt: skip
                                     if co == 0:
                                         tcols[combo, pos] = off_h + relw[pw, c]
                                     tvals[co, combo, pos] = s
