@@ -453,8 +453,20 @@ def _write_factors(f: h5py.File, factors: Sequence[Any]) -> None:
 
 
 def load_factors(path: str | os.PathLike) -> list[Any]:
-    """Read the factors of a results file as ``opextract.Factor`` objects (in
-    forward order)."""
+    """Read the factors of a results file as ``opextract.Factor`` objects.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A results file whose factors were written (``export_results(...,
+        save_factors=True)``).
+
+    Returns
+    -------
+    list of opextract.Factor
+        The factors in forward order, each with its module path, type,
+        shapes and layout.
+    """
     import opextract
 
     out = []
@@ -481,7 +493,19 @@ def load_factors(path: str | os.PathLike) -> list[Any]:
 
 
 def save_spectrum(path: str | os.PathLike, w: Any, v: Any = None, **attrs: Any) -> None:
-    """Write eigenvalues ``w`` (k,) and optionally eigenvectors ``v`` (n, k).
+    """Write eigenvalues and, optionally, eigenvectors into a results file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results file; created if missing, its other groups kept. The
+        write is atomic.
+    w : array_like of shape (k,)
+        Eigenvalues (stored as complex128).
+    v : array_like of shape (n, k), optional
+        Eigenvectors, column ``j`` belonging to ``w[j]``.
+    **attrs
+        Attributes stored with the spectrum (method, tolerance, ...).
 
     Examples
     --------
@@ -513,8 +537,22 @@ def save_spectrum(path: str | os.PathLike, w: Any, v: Any = None, **attrs: Any) 
 
 
 def load_spectrum(path: str | os.PathLike):
-    """Read ``(w, v, attrs)`` written by :func:`save_spectrum` (``v`` None
-    when no eigenvectors were stored)."""
+    """Read the spectrum written by :func:`save_spectrum`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results file.
+
+    Returns
+    -------
+    w : ndarray of shape (k,)
+        Eigenvalues, complex.
+    v : ndarray of shape (n, k) or None
+        Eigenvectors, or None when none were stored.
+    attrs : dict
+        The attributes stored with the spectrum.
+    """
     with _open(path) as f:
         g = _group(f, "spectrum", path)
         w = g["eigenvalues"][()]
@@ -523,7 +561,17 @@ def load_spectrum(path: str | os.PathLike):
 
 
 def save_report(path: str | os.PathLike, report: Any) -> None:
-    """Write a :class:`analysis.MemorizationReport` (as JSON)."""
+    """Write a memorization report into a results file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results file; created if missing, its other groups kept. The
+        write is atomic.
+    report : analysis.MemorizationReport
+        Stored as the JSON of ``report.to_dict()``, with its verdict as an
+        attribute.
+    """
     if not hasattr(report, "to_dict"):
         raise TypeError(
             f"report must be a MemorizationReport; got {type(report).__name__}"
@@ -535,7 +583,17 @@ def save_report(path: str | os.PathLike, report: Any) -> None:
 
 
 def load_report(path: str | os.PathLike):
-    """Read the :class:`analysis.MemorizationReport` of a results file."""
+    """Read the memorization report of a results file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results file.
+
+    Returns
+    -------
+    analysis.MemorizationReport
+    """
     from analysis.report import MemorizationReport
 
     with _open(path) as f:
@@ -545,8 +603,18 @@ def load_report(path: str | os.PathLike):
 
 
 def save_dataset(path: str | os.PathLike, images: Any, **attrs: Any) -> None:
-    """Write a set of images ``(n_images, ...)`` with attributes (source,
-    seed, ...)."""
+    """Write a set of images into a results file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results file; created if missing, its other groups kept. The
+        write is atomic.
+    images : array_like or torch.Tensor of shape (n_images, ...)
+        The images, stored gzip-compressed.
+    **attrs
+        Attributes stored with them (source, seed, ...).
+    """
     if hasattr(images, "detach"):
         images = images.detach().cpu().numpy()
     images = np.asarray(images)
@@ -561,7 +629,19 @@ def save_dataset(path: str | os.PathLike, images: Any, **attrs: Any) -> None:
 
 
 def load_dataset(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read ``(images, attrs)`` written by :func:`save_dataset`."""
+    """Read the images written by :func:`save_dataset`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The results file.
+
+    Returns
+    -------
+    images : ndarray of shape (n_images, ...)
+    attrs : dict
+        The attributes stored with them.
+    """
     with _open(path) as f:
         g = _group(f, "dataset", path)
         return g["images"][()], _get_attrs(g)
