@@ -141,7 +141,7 @@ def plot_singular_values(
     """
     s = np.sort(_vector(s, "s", complex_ok=False).astype(np.float64))[::-1]
     if (s < 0).any():
-        raise ValueError("s must be non-negative; got negative values")
+        raise ValueError(f"s must be non-negative; got minimum {s.min():g}")
     fig, ax = _figure(ax, (5, 3.5))
     idx = np.arange(1, s.size + 1)
     keep = s > 0 if log else np.ones(s.size, bool)

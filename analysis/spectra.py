@@ -192,8 +192,11 @@ def _check_v0(v0, n):
     v0 = np.asarray(v0)
     if v0.shape != (n,):
         raise ValueError(f"v0 must have shape ({n},); got {v0.shape}")
-    if not np.isfinite(v0).all() or not np.any(v0):
-        raise ValueError("v0 must be finite and not all zero")
+    if not np.isfinite(v0).all():
+        bad = int((~np.isfinite(v0)).sum())
+        raise ValueError(f"v0 must be finite; got {bad} NaN or infinite entries")
+    if not np.any(v0):
+        raise ValueError("v0 must not be all zero; got a zero vector")
     return v0
 
 

@@ -85,3 +85,8 @@ def test_grid_single_channel_and_errors():
         plots.plot_eigenvalue_moduli([])
     with pytest.raises(ValueError, match="s must be real"):
         plots.plot_singular_values([1j])
+
+
+def test_singular_values_refuse_negative_values():
+    with pytest.raises(ValueError, match=r"s must be non-negative; got minimum -2"):
+        plots.plot_singular_values([3.0, -2.0, 1.0])

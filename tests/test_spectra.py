@@ -238,6 +238,16 @@ def test_block_nonconvergence_returns_partial_with_warning():
             ValueError,
             r"v0 must have shape \(4,\); got \(3,\)",
         ),
+        (
+            {"k": 1, "v0": np.array([1.0, np.nan, np.inf, 0.0])},
+            ValueError,
+            r"v0 must be finite; got 2 NaN or infinite entries",
+        ),
+        (
+            {"k": 1, "v0": np.zeros(4)},
+            ValueError,
+            r"v0 must not be all zero; got a zero vector",
+        ),
     ],
     ids=[
         "k>n",
@@ -249,6 +259,8 @@ def test_block_nonconvergence_returns_partial_with_warning():
         "block-which",
         "tol",
         "v0",
+        "v0-nonfinite",
+        "v0-zero",
     ],
 )
 def test_eigs_bad_arguments(kwargs, error, match):
