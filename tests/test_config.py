@@ -171,6 +171,7 @@ def test_get_option_unknown():
 
 def test_bundled_configs_validate():
     paths = bundled_configs()
+    assert paths, "no bundled configs found under data/configs"
     for path in paths:
         load_config(path, allow_grid=True)
 
