@@ -19,7 +19,7 @@ import torch
 from numpy.typing import DTypeLike
 from torch import nn
 
-from opextract import _chain, _compose
+from opextract import _chain, _compose, _patches
 from opextract._errors import UnsupportedLayerError
 from opextract._layout import (
     compact_to_padded,
@@ -385,8 +385,15 @@ def to_sparse(
             matrix = built.to_sparse("compact", max_bytes)
             out_shape = _graph_out_shape(built, model, input_shape)
         else:
-            plan = _compose.compression_plan(built) if at_t is not None else None
-            if plan is not None:
+            steps = _patches.plan(built) if at_t is not None else None
+            plan = None
+            if steps is None and at_t is not None:
+                plan = _compose.compression_plan(built)
+            if steps is not None:
+                matrix = _patches.local_rows(
+                    steps, input_shape, tuple(built[-1].built.out_shape), dtype
+                )
+            elif plan is not None:
                 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
                 products = _compose.linearized_forward(built, device)
                 if products is None:

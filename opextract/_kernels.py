@@ -401,3 +401,51 @@ def dense_virtual_spmm(x, t_indptr, t_indices, t_data, row_rep, row_shift, out):
                 shift = row_shift[k]
                 for q in range(t_indptr[r], t_indptr[r + 1]):
                     row[t_indices[q] + shift] += v * t_data[q]
+
+
+@njit(cache=True, parallel=True)
+def patch_count(g, start, offsets, sizes, counts):
+    """Per row, the nonzero entries of its patch that lie inside the input.
+
+    ``g`` is ``(window, rows, C)`` (the window flattened), ``offsets`` the
+    ``(nd, window)`` offset of each window entry per axis, ``start`` the
+    ``(nd, rows)`` window starts and ``sizes`` the input's spatial sizes.
+    """
+    nd, n_window = offsets.shape
+    for r in prange(g.shape[1]):
+        n = 0
+        for q in range(n_window):
+            inside = True
+            for a in range(nd):
+                u = start[a, r] + offsets[a, q]
+                if u < 0 or u >= sizes[a]:
+                    inside = False
+            if inside:
+                for c in range(g.shape[2]):
+                    if g[q, r, c] != 0:
+                        n += 1
+        counts[r] = n
+
+
+@njit(cache=True, parallel=True)
+def patch_fill(g, start, offsets, sizes, strides, n_spatial, indptr, indices, data):
+    """Write the rows counted by ``patch_count``, columns increasing."""
+    nd, n_window = offsets.shape
+    for r in prange(g.shape[1]):
+        pos = indptr[r]
+        for c in range(g.shape[2]):
+            for q in range(n_window):
+                v = g[q, r, c]
+                if v == 0:
+                    continue
+                col = c * n_spatial
+                inside = True
+                for a in range(nd):
+                    u = start[a, r] + offsets[a, q]
+                    if u < 0 or u >= sizes[a]:
+                        inside = False
+                    col += u * strides[a]
+                if inside:
+                    indices[pos] = col
+                    data[pos] = v
+                    pos += 1

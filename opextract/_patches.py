@@ -1,0 +1,382 @@
+"""Local operators of convolution chains by windowed reverse-mode products.
+
+At a point, a chain of convolutions, nearest upsamplings and elementwise
+activations has a Jacobian whose row for one output entry lives, at every
+layer, in a window of that layer: one position at the output, and going back
+through a convolution of stride ``s``, dilation ``d`` and ``k`` taps a window
+of ``w`` positions becomes one of ``(w - 1) s + d (k - 1) + 1``. The windows
+of all rows have the same size at each layer, only their starts differ, so
+all rows go back through a layer together as dense *patches* of shape
+``(*window, rows, channels)``:
+
+* a convolution is one BLAS product of the patches with the kernel,
+  ``(window * rows, C_out) @ (C_out, taps * C_in)``, whose blocks are then
+  added into the wider window at the offsets of their taps;
+* a nearest upsampling before a convolution (one fused layer) first sums the
+  patch over the fine positions that read the same coarse entry through the
+  same tap, then multiplies by the kernel, so that the kernel product runs on
+  the coarse grid: ``(coarse window * rows, taps * C_out) @ (taps * C_out,
+  C_in)``;
+* an activation at the point multiplies the patch by its slopes, read in
+  each row's window (zero outside the feature map).
+
+Entries of a window that fall outside the feature map stand for zero
+padding: they are kept at zero, and they never become columns. Every entry of
+the result is a sum of products of the layers' own values, accumulated by
+BLAS; nothing is read off approximately. The cost is the size of the windows
+times the channels, independent of how the activations are laid out, so this
+suits downsampling networks whose bottleneck reaches the whole output, where
+coloring the inputs (``_compose.compression_plan``) saves little.
+
+An axis of a structured layer is the index map ``pos = (num * o + dil * tap -
+pad) // den``: ``den = 1`` for a convolution (``num`` its stride), ``den``
+the upsampling factor for a nearest upsampling by an integer factor fused
+with the convolution after it. The map is read from the module and checked
+against the layer's own tap pairs (``ChainLayer.paths``); a layer that does
+not match exactly (circular padding, a fractional upsampling, ...) makes the
+chain fall back to the other paths.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from opextract import _kernels
+from opextract._validate import check_bytes, csr_bytes
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of the largest patch array of one block of rows.
+BLOCK_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """``pos = (num * o + dil * tap - pad) // den`` along one spatial axis."""
+
+    num: int
+    den: int
+    dil: int
+    pad: int
+    k: int
+    n_in: int
+    n_out: int
+
+    def width(self, w: int) -> int:
+        """Window width on the input side of a window of ``w`` outputs."""
+        reach = self.den - 1 + self.num * (w - 1) + self.dil * (self.k - 1)
+        return reach // self.den + 1
+
+    def matches(self, paths) -> bool:
+        k, o, tap, pos = paths
+        if k != self.k:
+            return False
+        oo, tt = np.meshgrid(np.arange(self.n_out), np.arange(self.k), indexing="ij")
+        fine = self.num * oo + self.dil * tt - self.pad
+        p = np.floor_divide(fine, self.den)
+        valid = (fine >= 0) & (p < self.n_in)
+        ours = np.stack([oo[valid], tt[valid], p[valid]])
+        theirs = np.stack([o, tap, pos])
+        if ours.shape != theirs.shape:
+            return False
+        order = np.lexsort(ours[::-1])
+        other = np.lexsort(theirs[::-1])
+        return bool(np.array_equal(ours[:, order], theirs[:, other]))
+
+
+@dataclass
+class _Map:
+    """A structured layer: its per-axis maps and kernel ``(C_out, C_in, *k)``."""
+
+    axes: list
+    weight: np.ndarray
+
+
+@dataclass
+class _Diag:
+    """An elementwise layer at the point: its slopes ``(C, *n)``."""
+
+    values: np.ndarray
+
+
+def _conv_params(module, nd: int):
+    """(stride, dilation, left padding) of a zero-padded torch convolution."""
+    import torch
+
+    if type(module) not in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
+        return None
+    if module.padding_mode != "zeros":
+        return None
+    k = tuple(module.kernel_size)
+    dil = tuple(module.dilation)
+    if module.padding == "valid":
+        pad = (0,) * nd
+    elif module.padding == "same":
+        pad = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
+    else:
+        pad = tuple(module.padding)
+    return tuple(module.stride), dil, pad
+
+
+def _axes_of(layer):
+    """The per-axis maps of a structured chain layer, or None."""
+    from opextract._chain import _is_conv
+
+    nd = len(layer.paths)
+    in_shape, out_shape = layer.in_shape[1:], layer.built.out_shape[1:]
+    if _is_conv(layer.module):
+        params = _conv_params(layer.module, nd)
+        if params is None:
+            return None
+    else:
+        params = ((1,) * nd, (1,) * nd, (0,) * nd)
+    axes = []
+    for axis in range(nd):
+        k = int(layer.paths[axis][0])
+        num, dil, pad = (int(p[axis]) for p in params)
+        n_in, n_out = int(in_shape[axis]), int(out_shape[axis])
+        fine = num * (n_out - 1) + dil * (k - 1) - pad + 1
+        # The upsampling factor is the one whose map reproduces the taps.
+        found = None
+        for den in range(1, max(1, fine) + 1):
+            candidate = _Axis(num, den, dil, pad, k, n_in, n_out)
+            if candidate.matches(layer.paths[axis]):
+                found = candidate
+                break
+        if found is None:
+            return None
+        axes.append(found)
+    return axes
+
+
+def plan(layers):
+    """The chain as patch steps (forward order), or None when a layer is not a
+    zero-padded convolution, a nearest upsampling by integer factors (fused
+    with a convolution or alone) or an elementwise diagonal."""
+    from opextract._compose import _diagonal_values
+
+    steps = []
+    nd = len(layers[0].in_shape) - 1
+    if nd < 1:
+        return None
+    for layer in layers:
+        d = _diagonal_values(layer)
+        if d is not None:
+            steps.append(_Diag(d.reshape(layer.in_shape)))
+            continue
+        if layer.paths is None or len(layer.paths) != nd or layer.weight is None:
+            return None
+        axes = _axes_of(layer)
+        if axes is None:
+            logger.debug("layer %s: no windowed map", layer.path)
+            return None
+        weight = np.asarray(layer.weight, dtype=np.float64)
+        weight = weight.reshape(weight.shape[:2] + weight.shape[2 + 3 - nd :])
+        steps.append(_Map(axes, weight))
+    return steps
+
+
+def _widths(steps, nd):
+    """Per step (backward order): the window widths after it, the bytes per
+    row of the arrays it makes and its multiply-adds per row."""
+    w = (1,) * nd
+    out = []
+    for step in reversed(steps):
+        if isinstance(step, _Diag):
+            c = step.values.shape[0]
+            out.append((w, 16 * c * math.prod(w), c * math.prod(w)))
+            continue
+        c_out, c_in = step.weight.shape[:2]
+        taps = math.prod(a.k for a in step.axes)
+        new = tuple(a.width(wi) for a, wi in zip(step.axes, w))
+        if all(a.den == 1 for a in step.axes):
+            # One product per tap at the output window (see _back_map).
+            macs = math.prod(w) * c_out * taps * c_in
+            inner = math.prod(w) * taps * c_in
+        else:
+            macs = math.prod(new) * taps * c_out * c_in
+            widest = math.prod(max(a, b) for a, b in zip(w, new))
+            inner = 2 * widest * taps * c_out
+        out.append((new, 8 * (math.prod(new) * c_in + inner), macs))
+        w = new
+    return out
+
+
+def cost(steps, nd: int, n_rows: int) -> float:
+    """Estimated multiply-adds of ``n_rows`` rows through ``steps``."""
+    return float(n_rows) * sum(m for _w, _b, m in _widths(steps, nd))
+
+
+def _scale(g: np.ndarray, values: np.ndarray, start: np.ndarray) -> None:
+    """Multiply every row's patch by ``values[c, start + u]`` (zero outside the
+    feature map), in place; ``g`` is ``(*window, rows, C)``."""
+    nd = values.ndim - 1
+    w = g.shape[:nd]
+    lo = [max(0, -int(start[a].min())) for a in range(nd)]
+    hi = [max(0, int(start[a].max()) + w[a] - values.shape[1 + a]) for a in range(nd)]
+    # Channels last, so that each window offset reads one (rows, C) block.
+    padded = np.pad(np.moveaxis(values, 0, -1), list(zip(lo, hi)) + [(0, 0)])
+    base = [start[a] + lo[a] for a in range(nd)]
+    for u in itertools.product(*(range(n) for n in w)):
+        g[u] *= padded[tuple(b + ui for b, ui in zip(base, u))]
+
+
+def _mask(g: np.ndarray, start: np.ndarray, sizes) -> None:
+    """Zero the entries of the patches outside the feature map, in place."""
+    nd = len(sizes)
+    for a in range(nd):
+        u = np.arange(g.shape[a])[:, None] + start[a][None, :]
+        keep = (u >= 0) & (u < sizes[a])
+        if keep.all():
+            continue
+        shape = [1] * g.ndim
+        shape[a], shape[nd] = keep.shape
+        g *= keep.reshape(shape)
+
+
+def _tap_sums(h, axis: int, rows_axis: int, rho, a: _Axis, w_new: int) -> np.ndarray:
+    """Sum ``h`` along ``axis`` onto the input window, with a new first axis
+    of taps: output offset ``u`` of a row with residue ``rho`` reaches input
+    offset ``(rho + num * u + dil * t) // den`` through tap ``t``.
+
+    The rows are sorted by ``rho``, so that for each ``(t, u)`` the rows
+    reaching one input offset are a contiguous run (at most two runs).
+    """
+    shape = list(h.shape)
+    shape[axis] = w_new
+    out = np.zeros((a.k, *shape))
+    src = [slice(None)] * h.ndim
+    dst = [0] + src
+    for t in range(a.k):
+        dst[0] = t
+        for u in range(h.shape[axis]):
+            rel = (rho + a.num * u + a.dil * t) // a.den
+            starts = np.flatnonzero(np.diff(rel, prepend=rel[0] - 1))
+            stops = np.append(starts[1:], len(rel))
+            src[axis] = u
+            for lo, hi in zip(starts, stops):
+                src[rows_axis] = dst[1 + rows_axis] = slice(lo, hi)
+                dst[1 + axis] = rel[lo]
+                out[tuple(dst)] += h[tuple(src)]
+    return out
+
+
+def _back_map(g, start, step: _Map):
+    """The patches of one structured layer's input from those of its output."""
+    nd = len(step.axes)
+    w = g.shape[:nd]
+    rows, c_out = g.shape[nd], g.shape[nd + 1]
+    c_in = step.weight.shape[1]
+    ks = tuple(a.k for a in step.axes)
+    taps = math.prod(ks)
+    new = tuple(a.width(wi) for a, wi in zip(step.axes, w))
+    shifted = np.stack([a.num * start[i] - a.pad for i, a in enumerate(step.axes)])
+    dens = np.array([a.den for a in step.axes])[:, None]
+    new_start = np.floor_divide(shifted, dens)
+    rho = shifted - new_start * dens
+    weight = step.weight  # (C_out, C_in, *k)
+
+    if all(a.den == 1 for a in step.axes):
+        # Kernel products at the output window, added in place at each tap's
+        # offset: every output offset reads one input offset per tap. Few
+        # input channels make one product for all taps cheaper than one per tap.
+        out = np.zeros(new + (rows, c_in))
+        flat = g.reshape(-1, c_out)
+        per_tap = c_in >= 16
+        if per_tap:
+            buffer = np.empty((flat.shape[0], c_in))
+        else:
+            wmat = np.moveaxis(weight, 1, -1).reshape(c_out, taps * c_in)
+            p = (flat @ wmat).reshape(w + (rows,) + ks + (c_in,))
+        for t in itertools.product(*(range(k) for k in ks)):
+            if per_tap:
+                np.matmul(flat, weight[(slice(None), slice(None)) + t], out=buffer)
+                part = buffer.reshape(w + (rows, c_in))
+            else:
+                part = p[(Ellipsis,) + t + (slice(None),)]
+            index = tuple(
+                slice(a.dil * ti, a.dil * ti + a.num * (wi - 1) + 1, a.num)
+                for a, ti, wi in zip(step.axes, t, w)
+            )
+            out[index] += part
+        return out, new_start
+
+    # Through an upsampling several output offsets read one coarse entry by
+    # the same tap: sum them first (per tap, on the coarse window), then one
+    # kernel product on the coarse grid.
+    h = g  # (*taps so far, *window, rows, C_out)
+    order = np.arange(rows)
+    for i, a in enumerate(step.axes):
+        if a.den > 1:
+            # Rows sorted by this axis's residue (see _tap_sums).
+            sort = np.argsort(rho[i, order], kind="stable")
+            h, order = np.take(h, sort, axis=i + nd), order[sort]
+        h = _tap_sums(h, i + i, i + nd, rho[i, order], a, new[i])
+    h = np.take(h, np.argsort(order), axis=2 * nd)
+    # The taps came in front, last axis first; put them after the channels
+    # they multiply, in axis order: (*window, rows, C_out, *taps).
+    h = np.moveaxis(h, tuple(range(nd)), tuple(range(-1, -nd - 1, -1)))
+    h = np.ascontiguousarray(h).reshape(-1, c_out * taps)
+    wmat = np.moveaxis(weight, 1, -1).reshape(c_out * taps, c_in)
+    out = (h @ wmat).reshape(new + (rows, c_in))
+    return out, new_start
+
+
+def local_rows(steps, in_shape, out_shape, dtype) -> sp.csr_array:
+    """The operator of ``steps`` (forward order) as CSR, by windowed patches."""
+    nd = len(in_shape) - 1
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    widths = _widths(steps, nd)
+    per_row = max(b for _w, b, _m in widths)
+    final = math.prod(widths[-1][0]) * in_shape[0]
+    check_bytes(csr_bytes(n_out * final, n_out, n_in, dtype)[0], "the local operator")
+    block = max(1, min(n_out, BLOCK_BYTES // per_row))
+    strides = np.array([math.prod(in_shape[2 + a :]) for a in range(nd)])
+    sizes = np.array(in_shape[1:], dtype=np.int64)
+    n_spatial = math.prod(in_shape[1:])
+    counts, parts_c, parts_v = [], [], []
+    for lo in range(0, n_out, block):
+        flat = np.arange(lo, min(lo + block, n_out))
+        channel, *position = np.unravel_index(flat, out_shape)
+        start = np.stack(position).astype(np.int64)
+        g = np.zeros((1,) * nd + (len(flat), out_shape[0]))
+        g[(0,) * nd + (np.arange(len(flat)), channel)] = 1.0
+        for i, step in enumerate(reversed(steps)):
+            if isinstance(step, _Diag):
+                _scale(g, step.values, start)
+                continue
+            g, start = _back_map(g, start, step)
+            following = steps[len(steps) - 2 - i] if i + 1 < len(steps) else None
+            if not isinstance(following, _Diag):
+                _mask(g, start, tuple(a.n_in for a in step.axes))
+        w = g.shape[:nd]
+        window = g.reshape(math.prod(w), len(flat), in_shape[0])
+        offsets = np.stack(
+            [u.reshape(-1) for u in np.indices(w)] if nd else [], axis=0
+        ).astype(np.int64)
+        count = np.empty(len(flat), dtype=np.int64)
+        _kernels.patch_count(window, start, offsets, sizes, count)
+        indptr = np.concatenate([[0], np.cumsum(count)])
+        indices = np.empty(indptr[-1], dtype=np.int64)
+        data = np.empty(indptr[-1], dtype=np.float64)
+        _kernels.patch_fill(
+            window, start, offsets, sizes, strides, n_spatial, indptr, indices, data
+        )
+        counts.append(count)
+        parts_c.append(indices)
+        parts_v.append(data)
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
+    indices = np.concatenate(parts_c)
+    idx = csr_bytes(len(indices), n_out, n_in, dtype)[1]
+    data = np.concatenate(parts_v).astype(dtype, copy=False)
+    out = sp.csr_array(
+        (data, indices.astype(idx), indptr.astype(idx)), shape=(n_out, n_in)
+    )
+    out.has_sorted_indices = True
+    return out

@@ -1,0 +1,363 @@
+"""Local operators by windowed reverse-mode patches (``opextract._patches``).
+
+Every chain of zero-padded convolutions, nearest upsamplings by integer
+factors and elementwise activations takes this path with ``at=x``; each case
+checks that it did and compares with ``torch.func.jacrev``, at a random point
+and at one made of small integers (many exact kinks). Chains the patches do
+not cover must fall back to the other paths and still be exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _helpers import assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import opextract
+from opextract import OperatorTooLargeError, _patches
+
+
+# torch notes that 'same' padding of an even kernel copies the input; that is
+# the case tested, not a problem.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+def _jacobian(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    jac = torch.func.jacrev(lambda z: model(z[None].clone())[0])(x[0])
+    return jac.reshape(-1, x[0].numel()).detach().numpy()
+
+
+def _points(shape):
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    yield torch.tensor(rng.standard_normal((1, *shape)))
+    yield torch.randint(-2, 3, (1, *shape), generator=gen).to(torch.float64)
+
+
+@pytest.fixture
+def used(monkeypatch):
+    """Records whether ``to_sparse`` built the operator from patches."""
+    calls = []
+    original = _patches.local_rows
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_patches, "local_rows", spy)
+    return calls
+
+
+def _seeded(make):
+    def build():
+        torch.manual_seed(0)
+        return make().double().eval()
+
+    return build
+
+
+C2, C1, C3 = nn.Conv2d, nn.Conv1d, nn.Conv3d
+UP = nn.Upsample
+
+CASES = [
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 4, 3, stride=8, padding=1),
+            nn.LeakyReLU(0.2),
+            UP(scale_factor=8),
+            C2(4, 4, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            C2(4, 2, 3, padding=1),
+        ),
+        (2, 32, 32),
+        id="d-type-stride-8",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 3, 3, stride=2, padding=1),
+            nn.ReLU(),
+            C2(3, 3, 3, stride=2, padding=1),
+            nn.PReLU(3, init=0.3),
+            UP(scale_factor=4),
+            C2(3, 3, 3, padding=1),
+            nn.LeakyReLU(),
+            C2(3, 2, 3, padding=1),
+        ),
+        (2, 16, 16),
+        id="nld-type-two-strides",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 4, 3, stride=3, padding=2, dilation=2),
+            nn.ReLU6(),
+            UP(scale_factor=3),
+            C2(4, 4, 5, stride=2, padding=1, groups=2),
+            nn.Hardtanh(-0.5, 0.5),
+            C2(4, 1, 2),
+        ),
+        (2, 9, 11),
+        id="dilation-groups-stride-after-upsampling",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 4, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            UP(scale_factor=(2, 3)),
+            C2(4, 3, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1)),
+            nn.ReLU(),
+            C2(3, 2, 3),
+        ),
+        (2, 8, 10),
+        id="anisotropic-upsampling-and-kernel",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 3, 3, padding="same"),
+            nn.LeakyReLU(0.1),
+            C2(3, 3, 4, padding="same", dilation=2),
+            C2(3, 2, 3, padding="valid"),
+        ),
+        (2, 10, 9),
+        id="same-valid-and-two-convs-in-a-row",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            nn.LeakyReLU(0.3),
+            C2(2, 3, 3, stride=2, padding=1),
+            UP(scale_factor=2),
+            nn.ReLU(),
+            nn.Identity(),
+            nn.Dropout(0.5),
+            C2(3, 2, 3, padding=1),
+            nn.LeakyReLU(0.5),
+        ),
+        (2, 8, 8),
+        id="activation-first-and-last-upsampling-alone",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 3, 3, stride=2, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            UP(scale_factor=2),
+            C2(3, 2, 3, padding=1),
+        ),
+        (2, 8, 8),
+        id="batchnorm-eval",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C1(2, 4, 3, stride=4, padding=1),
+            nn.LeakyReLU(0.2),
+            UP(scale_factor=4),
+            C1(4, 2, 5, padding=2, dilation=1),
+            nn.ReLU(),
+            C1(2, 2, 3, padding=1),
+        ),
+        (2, 32),
+        id="conv1d",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C3(2, 3, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            UP(scale_factor=(2, 1, 3)),
+            C3(3, 2, (3, 1, 2), padding=(1, 0, 1)),
+        ),
+        (2, 6, 5, 4),
+        id="conv3d",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES)
+def test_patches_match_jacrev(make, shape, used):
+    model = _seeded(make)()
+    for x in _points(shape):
+        used.clear()
+        J = opextract.to_sparse(model, shape, at=x)
+        assert used, "the chain should have been built from patches"
+        expected = _jacobian(model, x)
+        assert_close(J, expected, rtol=1e-12, atol=1e-14)
+        # Exact zeros are not stored, and the columns of each row are sorted.
+        assert J.nnz == np.count_nonzero(J.toarray())
+        assert J.has_sorted_indices
+        check = J.copy()
+        check.sort_indices()
+        np.testing.assert_array_equal(check.indices, J.indices)
+
+
+def test_biases_offset_and_padded_layout(used):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        C2(2, 3, 3, stride=2, padding=1), nn.LeakyReLU(0.2), UP(scale_factor=2),
+        C2(3, 2, 3, padding=1),
+    ).double()  # fmt: skip
+    shape = (2, 8, 8)
+    x = next(_points(shape))
+    J, offset = opextract.to_sparse(model, shape, at=x, bias="offset")
+    assert used
+    with torch.no_grad():
+        fx = model(x).reshape(-1).numpy()
+    assert_close(J @ x.reshape(-1).numpy() + offset, fx)
+    padded = opextract.to_sparse(model, shape, at=x, layout="padded", bias="ignore")
+    assert padded.shape == (2 * 10 * 10, 2 * 10 * 10)
+    E = opextract.padding_embedding(shape)
+    assert_close(padded, E @ J @ E.T)
+
+
+def test_float32(used):
+    model = _seeded(CASES[0].values[0])()
+    shape = CASES[0].values[1]
+    x = next(_points(shape))
+    J = opextract.to_sparse(model, shape, at=x, dtype=np.float32)
+    assert used and J.dtype == np.float32
+    assert_close(J, _jacobian(model, x), rtol=2e-4, atol=1e-5)
+
+
+def test_small_blocks_give_the_same_rows(monkeypatch):
+    model = _seeded(CASES[1].values[0])()
+    shape = CASES[1].values[1]
+    x = next(_points(shape))
+    J = opextract.to_sparse(model, shape, at=x)
+    monkeypatch.setattr(_patches, "BLOCK_BYTES", 1)  # one row per block
+    assert_close(opextract.to_sparse(model, shape, at=x), J, rtol=0, atol=0)
+
+
+def _built(make, shape):
+    from opextract import _api
+
+    model = _seeded(make)()
+    x = next(_points(shape))
+    return _api._build(model, shape, dtype=np.float64, at=x, bias="none", fuse=True)[1]
+
+
+def test_budget_is_checked():
+    from opextract._validate import budget
+
+    make, shape = CASES[0].values
+    steps = _patches.plan(_built(make, shape))
+    # 2048 rows of at most 2 x 11 x 11 entries, 12 bytes each: about 6 MB.
+    with budget(1_000_000):
+        with pytest.raises(OperatorTooLargeError, match="the local operator needs"):
+            _patches.local_rows(steps, shape, shape, np.float64)
+    with budget(10_000_000):
+        assert (
+            _patches.local_rows(steps, shape, shape, np.float64).shape
+            == (math.prod(shape),) * 2
+        )
+
+
+FALLBACKS = [
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 3, 3, stride=2, padding=1, padding_mode="circular"),
+            nn.ReLU(),
+            UP(scale_factor=2),
+            C2(3, 2, 3, padding=1),
+        ),
+        (2, 8, 8),
+        id="circular-padding",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 3, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            UP(scale_factor=1.5),
+            C2(3, 2, 3, padding=1),
+        ),
+        (2, 6, 6),
+        id="fractional-upsampling",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            UP(scale_factor=2),
+            C2(3, 2, 3, padding=1),
+        ),
+        (2, 8, 8),
+        id="max-pooling",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            C2(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 16, 8),
+        ),
+        (2, 4, 4),
+        id="flatten-linear",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "shape"), FALLBACKS)
+def test_uncovered_chains_fall_back(make, shape, used):
+    model = _seeded(make)()
+    x = next(_points(shape))
+    J = opextract.to_sparse(model, shape, at=x)
+    assert not used
+    assert_close(J, _jacobian(model, x), rtol=1e-12, atol=1e-14)
+
+
+_layer = st.one_of(
+    st.tuples(
+        st.just("conv"),
+        st.integers(1, 3),  # output channels
+        st.integers(1, 3),  # kernel
+        st.integers(1, 3),  # stride
+        st.integers(0, 2),  # padding
+        st.integers(1, 2),  # dilation
+    ),
+    st.tuples(st.just("up"), st.integers(2, 3)),
+    st.tuples(st.just("act"), st.sampled_from(["relu", "leaky", "prelu"])),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(_layer, min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_random_chains_match_jacrev(program, seed):
+    torch.manual_seed(seed)
+    channels, size = 2, 7
+    layers = []
+    for op in program:
+        if op[0] == "conv":
+            _, c, k, s, p, d = op
+            if (size + 2 * p - d * (k - 1) - 1) // s + 1 < 1:
+                continue
+            layers.append(C2(channels, c, k, stride=s, padding=p, dilation=d))
+            channels, size = c, (size + 2 * p - d * (k - 1) - 1) // s + 1
+        elif op[0] == "up":
+            if size * op[1] > 24:
+                continue
+            layers.append(UP(scale_factor=op[1]))
+            size *= op[1]
+        else:
+            if op[1] == "prelu":
+                layers.append(nn.PReLU(channels, init=0.2))
+            else:
+                layers.append(nn.ReLU() if op[1] == "relu" else nn.LeakyReLU(0.3))
+    if not layers:
+        layers = [nn.ReLU()]
+    model = nn.Sequential(*layers).double()
+    shape = (2, 7, 7)
+    x = torch.tensor(np.random.default_rng(seed).standard_normal((1, *shape)))
+    J = opextract.to_sparse(model, shape, at=x)
+    assert J.shape == (channels * size * size, math.prod(shape))
+    assert_close(J, _jacobian(model, x), rtol=1e-12, atol=1e-14)
+
+
+def test_plan_refuses_what_it_cannot_window():
+    assert _patches.plan(_built(*FALLBACKS[0].values)) is None
+    steps = _patches.plan(_built(*CASES[0].values))
+    # The fused upsampling by 8 and convolution reads coarse entries.
+    dens = [[a.den for a in s.axes] for s in steps if isinstance(s, _patches._Map)]
+    assert dens == [[1, 1], [8, 8], [1, 1]]
