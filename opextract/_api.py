@@ -349,13 +349,15 @@ def to_sparse(
     rows is multiplied out (see the performance page of the documentation).
     Other chains are multiplied in an order planned from sampled row counts.
     The factors of :func:`factors` are not fused; their product is the same
-    matrix. With ``at``, a chain of convolutions, nearest upsamplings and
-    elementwise activations in which each input reaches only a window of the
-    output (a downsampling network) is instead run forward on sums of basis
-    vectors whose columns do not overlap (compressed Jacobian-vector
-    products, on the GPU when there is one), about as many as the largest
-    number of inputs one output depends on; each entry is then read off
-    without rounding.
+    matrix. With ``at``, a chain of zero-padded convolutions, nearest
+    upsamplings by integer factors and elementwise activations is instead
+    built row by row from the output: every row is pushed back through the
+    layers as a dense patch of the window it reaches, all rows together by
+    BLAS products with the kernels (see the local operator page). Other
+    chains in which each input reaches only a window of the output are run
+    forward on sums of basis vectors whose columns do not overlap
+    (compressed Jacobian-vector products, on the GPU when there is one);
+    each entry is then read off without rounding.
 
     Examples
     --------
