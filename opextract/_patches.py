@@ -203,8 +203,9 @@ def _widths(steps, nd):
             macs = math.prod(new) * taps * c_out * c_in
             widest = math.prod(max(a, b) for a, b in zip(w, new))
             inner = 2 * widest * taps * c_out
-        out.append((new, 8 * (math.prod(new) * c_in + inner), macs))
-        w = new
+        # Made at the full width, then cropped to the feature map (_crop).
+        w = tuple(min(n, a.n_in) for n, a in zip(new, step.axes))
+        out.append((w, 8 * (math.prod(new) * c_in + inner), macs))
     return out
 
 
@@ -238,6 +239,27 @@ def _mask(g: np.ndarray, start: np.ndarray, sizes) -> None:
         shape = [1] * g.ndim
         shape[a], shape[nd] = keep.shape
         g *= keep.reshape(shape)
+
+
+def _crop(g: np.ndarray, start: np.ndarray, sizes) -> tuple[np.ndarray, np.ndarray]:
+    """Windows wider than the feature map become the whole map (start 0).
+
+    Past that width a window holds only zeros beyond the map; the rows then
+    share one window, each shifted there by its own start.
+    """
+    nd = len(sizes)
+    for a in range(nd):
+        w = g.shape[a]
+        if w <= sizes[a]:
+            continue
+        v = np.arange(sizes[a])[:, None] - start[a][None, :]  # offset in the window
+        shape = [1] * g.ndim
+        shape[a], shape[nd] = v.shape
+        g = np.take_along_axis(g, np.clip(v, 0, w - 1).reshape(shape), axis=a)
+        g *= ((v >= 0) & (v < w)).reshape(shape)
+        start = start.copy()
+        start[a] = 0
+    return g, start
 
 
 def _tap_sums(h, axis: int, rows_axis: int, rho, a: _Axis, w_new: int) -> np.ndarray:
@@ -352,6 +374,7 @@ def local_rows(steps, in_shape, out_shape, dtype) -> sp.csr_array:
                 _scale(g, step.values, start)
                 continue
             g, start = _back_map(g, start, step)
+            g, start = _crop(g, start, [a.n_in for a in step.axes])
             following = steps[len(steps) - 2 - i] if i + 1 < len(steps) else None
             if not isinstance(following, _Diag):
                 _mask(g, start, tuple(a.n_in for a in step.axes))

@@ -22,7 +22,6 @@ from torch import nn
 import opextract
 from opextract import OperatorTooLargeError, _patches
 
-
 # torch notes that 'same' padding of an even kernel copies the input; that is
 # the case tested, not a problem.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
@@ -150,6 +149,17 @@ CASES = [
         ),
         (2, 8, 8),
         id="batchnorm-eval",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
+            *[m for _ in range(4) for m in (C2(2, 2, 3, padding=1), nn.LeakyReLU(0.2))],
+            C2(2, 3, 3, stride=2, padding=1),
+            nn.ReLU(),
+            UP(scale_factor=2),
+            C2(3, 2, 3, padding=1),
+        ),
+        (2, 6, 5),
+        id="windows-wider-than-the-image",
     ),
     pytest.param(
         lambda: nn.Sequential(
