@@ -12,7 +12,9 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -250,6 +252,30 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+class _DeferredInterrupt:
+    """Turns the first SIGINT into a request checked between iterations.
+
+    Only installed in the main thread (where Python delivers signals) and
+    when there is a checkpoint to write; the previous handler comes back on
+    the first signal, so a second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.restore()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`train`.
 
@@ -392,9 +418,11 @@ def train(
         File to write checkpoints to (weights, optimizer state, options,
         history; written atomically: a temporary file in the same folder,
         then renamed) every ``checkpoint_every`` iterations and at the end.
-        With ``resume=True`` and an existing file, training continues from it;
-        an interrupted run loses at most the iterations since the last
-        checkpoint.
+        With ``resume=True`` and an existing file, training continues from it.
+        A Ctrl-C (SIGINT, in the main thread) lets the current iteration
+        finish, writes the checkpoint and then raises ``KeyboardInterrupt``;
+        a second Ctrl-C interrupts at once. A run killed otherwise loses at
+        most the iterations since the last checkpoint.
     progress : bool, default True
         Show a tqdm progress bar with the loss on stderr.
     max_epochs : int or None
@@ -656,6 +684,7 @@ def _train(
     elapsed_before = history.seconds
     order = None
     it = start
+    interrupted = _DeferredInterrupt(enabled=ckpt_path is not None)
     try:
         while reason is None:
             if batch_size is None:
@@ -693,7 +722,16 @@ def _train(
                 history.seconds = elapsed_before + time.perf_counter() - t0
                 history.stop_reason = reason or ""
                 save()
+            if interrupted.requested:
+                history.iterations = it
+                history.epochs = it / steps_per_epoch
+                history.seconds = elapsed_before + time.perf_counter() - t0
+                history.stop_reason = ""
+                save()
+                logger.info("interrupted after %d iterations; checkpoint written", it)
+                raise KeyboardInterrupt
     finally:
+        interrupted.restore()
         bar.close()
         model.train(was_training)
 

@@ -171,6 +171,36 @@ def test_checkpoint_contents(tmp_path):
     assert TrainHistory.from_dict(saved["history"]).losses == history.losses
 
 
+def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(tmp_path):
+    import signal
+
+    images = data.digits(7, digit=2, seed=3)
+    options = dict(max_iter=30, tol=0, lr=1e-3, **FAST)
+    _, reference = train(_small_net(), images, **options)
+    ckpt = tmp_path / "ckpt.pt"
+    before = signal.getsignal(signal.SIGINT)
+
+    def ctrl_c(iteration, loss):
+        if iteration == 17:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            _small_net(),
+            images,
+            checkpoint=ckpt,
+            checkpoint_every=100,
+            callback=ctrl_c,
+            **options,
+        )
+    # The iteration in progress finished and was saved; the handler is back.
+    assert signal.getsignal(signal.SIGINT) is before
+    saved = load_checkpoint(ckpt)["history"]
+    assert saved["iterations"] == 17 and saved["losses"] == reference.losses[:17]
+    _, resumed = train(_small_net(seed=5), images, checkpoint=ckpt, **options)
+    assert resumed.losses == reference.losses
+
+
 def test_resume_refuses_other_options(tmp_path):
     ckpt = tmp_path / "c.pt"
     images = data.basis_2x2([0])
