@@ -78,6 +78,9 @@ class GraphNode:
     offset : ndarray or None
         With ``bias="offset"``: the constant this node adds (its bias, or a
         constant added to the signal), flattened; None when it adds none.
+    module : torch.nn.Module or None
+        The module of a ``"layer"`` node built by a module handler (also one
+        made for a function call such as ``F.conv2d``), else None.
     """
 
     name: str
@@ -89,6 +92,7 @@ class GraphNode:
     weights: tuple[float, ...] = ()
     axis: int | None = None
     offset: np.ndarray | None = field(default=None, repr=False)
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 class FactorGraph:
@@ -218,11 +222,16 @@ class FactorGraph:
         scipy.sparse.csr_array
             Equals the node-by-node evaluation: ``A @ x == evaluate(x)``.
         """
+        from opextract import _patches
         from opextract._layout import to_layout
         from opextract._validate import budget
 
         with budget(max_bytes):
-            matrix = _materialize(self)
+            steps = _patches.graph_plan(self)
+            if steps is not None:
+                matrix = _patches.graph_rows(self, steps)
+            else:
+                matrix = _materialize(self)
         return to_layout(matrix, self.out_shape, self.in_shape, layout)
 
 
@@ -359,7 +368,7 @@ class _Build:
     # -- adding nodes ------------------------------------------------------
 
     def add(self, node: fx.Node, op, inputs, *, factor=None, weights=(), axis=None,
-            offset=None, has_offset=False) -> int:  # fmt: skip
+            offset=None, has_offset=False, module=None) -> int:  # fmt: skip
         value = self.values[node]
         shape = tuple(value.shape[1:])
         if has_offset and not self.local and self.bias == "error":
@@ -382,6 +391,7 @@ class _Build:
                 weights=tuple(float(w) for w in weights),
                 axis=axis,
                 offset=offset() if keep_offset and offset is not None else None,
+                module=module,
             )
         )
         index = len(self.nodes) - 1
@@ -389,7 +399,7 @@ class _Build:
         return index
 
     def add_layer(self, node, source: int, built: LayerMatrix, module_type: str,
-                  path: str, offset=None) -> int:  # fmt: skip
+                  path: str, offset=None, module=None) -> int:  # fmt: skip
         from opextract._api import Factor
 
         in_shape = self.nodes[source].shape
@@ -415,7 +425,7 @@ class _Build:
         )
         return self.add(
             node, "layer", (source,), factor=factor, offset=offset,
-            has_offset=built.has_offset,
+            has_offset=built.has_offset, module=module,
         )  # fmt: skip
 
 
@@ -925,7 +935,9 @@ def _handler_layer(build, node, module, dep, x_value, path) -> None:
                 value = copy.deepcopy(module).to(torch.float64)(zero)
             return value.reshape(-1).numpy().copy()
 
-    build.add_layer(node, source, built, type(module).__name__, path, offset=offset)
+    build.add_layer(
+        node, source, built, type(module).__name__, path, offset=offset, module=module
+    )
 
 
 def _interpolate_node(build, node, args, kwargs, deps) -> None:

@@ -350,25 +350,65 @@ def _back_map(g, start, step: _Map):
     return out, new_start
 
 
-def local_rows(steps, in_shape, out_shape, dtype) -> sp.csr_array:
-    """The operator of ``steps`` (forward order) as CSR, by windowed patches."""
+def _one_hot(flat: np.ndarray, out_shape):
+    """Patches of the output rows ``flat``: window 1, a one at their channel."""
+    nd = len(out_shape) - 1
+    channel, *position = np.unravel_index(flat, out_shape)
+    g = np.zeros((1,) * nd + (len(flat), out_shape[0]))
+    g[(0,) * nd + (np.arange(len(flat)), channel)] = 1.0
+    return g, np.stack(position).astype(np.int64).reshape(nd, len(flat))
+
+
+def _rows_of(g, start, in_shape):
+    """``(counts, indices, data)`` of the rows whose input patches are ``g``."""
     nd = len(in_shape) - 1
-    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    rows = g.shape[nd]
+    w = g.shape[:nd]
+    window = g.reshape(math.prod(w), rows, in_shape[0])
+    offsets = np.stack([u.reshape(-1) for u in np.indices(w)]).astype(np.int64)
+    sizes = np.array(in_shape[1:], dtype=np.int64)
+    strides = np.array([math.prod(in_shape[2 + a :]) for a in range(nd)])
+    count = np.empty(rows, dtype=np.int64)
+    _kernels.patch_count(window, start, offsets, sizes, count)
+    indptr = np.concatenate([[0], np.cumsum(count)])
+    indices = np.empty(indptr[-1], dtype=np.int64)
+    data = np.empty(indptr[-1], dtype=np.float64)
+    n_spatial = math.prod(in_shape[1:])
+    _kernels.patch_fill(
+        window, start, offsets, sizes, strides, n_spatial, indptr, indices, data
+    )
+    return count, indices, data
+
+
+def _csr(parts, n_rows: int, n_in: int, dtype) -> sp.csr_array:
+    counts, indices, data = (np.concatenate(p) for p in zip(*parts))
+    idx = csr_bytes(len(indices), n_rows, n_in, dtype)[1]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(idx)
+    out = sp.csr_array(
+        (data.astype(dtype, copy=False), indices.astype(idx), indptr),
+        shape=(n_rows, n_in),
+    )
+    out.has_sorted_indices = True
+    return out
+
+
+def local_rows(steps, in_shape, out_shape, dtype, rows=None) -> sp.csr_array:
+    """The operator of ``steps`` (forward order) as CSR, by windowed patches.
+
+    ``rows`` (flat output indices, default all) selects the rows returned.
+    """
+    nd = len(in_shape) - 1
+    n_in = math.prod(in_shape)
+    rows = np.arange(math.prod(out_shape)) if rows is None else np.asarray(rows)
     widths = _widths(steps, nd)
     per_row = max(b for _w, b, _m in widths)
     final = math.prod(widths[-1][0]) * in_shape[0]
-    check_bytes(csr_bytes(n_out * final, n_out, n_in, dtype)[0], "the local operator")
-    block = max(1, min(n_out, BLOCK_BYTES // per_row))
-    strides = np.array([math.prod(in_shape[2 + a :]) for a in range(nd)])
-    sizes = np.array(in_shape[1:], dtype=np.int64)
-    n_spatial = math.prod(in_shape[1:])
-    counts, parts_c, parts_v = [], [], []
-    for lo in range(0, n_out, block):
-        flat = np.arange(lo, min(lo + block, n_out))
-        channel, *position = np.unravel_index(flat, out_shape)
-        start = np.stack(position).astype(np.int64)
-        g = np.zeros((1,) * nd + (len(flat), out_shape[0]))
-        g[(0,) * nd + (np.arange(len(flat)), channel)] = 1.0
+    size = csr_bytes(len(rows) * final, len(rows), n_in, dtype)[0]
+    check_bytes(size, "the local operator")
+    block = max(1, min(len(rows), BLOCK_BYTES // per_row))
+    parts = []
+    for lo in range(0, len(rows), block):
+        g, start = _one_hot(rows[lo : lo + block], out_shape)
         for i, step in enumerate(reversed(steps)):
             if isinstance(step, _Diag):
                 _scale(g, step.values, start)
@@ -378,28 +418,202 @@ def local_rows(steps, in_shape, out_shape, dtype) -> sp.csr_array:
             following = steps[len(steps) - 2 - i] if i + 1 < len(steps) else None
             if not isinstance(following, _Diag):
                 _mask(g, start, tuple(a.n_in for a in step.axes))
-        w = g.shape[:nd]
-        window = g.reshape(math.prod(w), len(flat), in_shape[0])
-        offsets = np.stack(
-            [u.reshape(-1) for u in np.indices(w)] if nd else [], axis=0
-        ).astype(np.int64)
-        count = np.empty(len(flat), dtype=np.int64)
-        _kernels.patch_count(window, start, offsets, sizes, count)
-        indptr = np.concatenate([[0], np.cumsum(count)])
-        indices = np.empty(indptr[-1], dtype=np.int64)
-        data = np.empty(indptr[-1], dtype=np.float64)
-        _kernels.patch_fill(
-            window, start, offsets, sizes, strides, n_spatial, indptr, indices, data
+        parts.append(_rows_of(g, start, in_shape))
+    return _csr(parts, len(rows), n_in, dtype)
+
+
+# ---------------------------------------------------------------------------
+# Graphs: the same patches, pushed back through sums and concatenations.
+
+
+def _module_step(module, in_shape, out_shape):
+    """The patch step of a convolution or nearest-upsampling module, or None."""
+    import torch
+
+    from opextract._chain import _is_conv
+
+    nd = len(in_shape) - 1
+    if len(out_shape) != nd + 1:
+        return None
+    if _is_conv(module):
+        params = _conv_params(module, nd)
+        if params is None:
+            return None
+        w = module.weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+        groups = module.groups
+        c_out, c_in_g = w.shape[:2]
+        weight = np.zeros((c_out, c_in_g * groups) + w.shape[2:])
+        per = c_out // groups
+        for g in range(groups):
+            rows = slice(g * per, (g + 1) * per)
+            weight[rows, g * c_in_g : (g + 1) * c_in_g] = w[rows]
+        ks = tuple(module.kernel_size)
+        dens = (1,) * nd
+    elif isinstance(module, torch.nn.Upsample) and module.mode == "nearest":
+        if any(o % i for o, i in zip(out_shape[1:], in_shape[1:])):
+            return None
+        params = ((1,) * nd, (1,) * nd, (0,) * nd)
+        weight = np.eye(in_shape[0]).reshape((in_shape[0],) * 2 + (1,) * nd)
+        ks = (1,) * nd
+        dens = tuple(o // i for o, i in zip(out_shape[1:], in_shape[1:]))
+    else:
+        return None
+    (num, dil, pad) = params
+    axes = [
+        _Axis(int(num[a]), dens[a], int(dil[a]), int(pad[a]), int(ks[a]),
+              int(in_shape[1 + a]), int(out_shape[1 + a]))
+        for a in range(nd)
+    ]  # fmt: skip
+    return _Map(axes, weight)
+
+
+def _diag_of(matrix, shape):
+    """The diagonal of a square diagonal matrix as ``shape``, else None."""
+    m = sp.csr_array(matrix)
+    if m.shape[0] != m.shape[1] or np.diff(m.indptr).max(initial=0) > 1:
+        return None
+    rows = np.flatnonzero(np.diff(m.indptr))
+    if not np.array_equal(m.indices, rows):
+        return None
+    d = np.zeros(m.shape[0])
+    d[rows] = m.data
+    return d.reshape(shape)
+
+
+def _agrees(step, node, rng) -> bool:
+    """Whether ``step`` gives the node's own matrix on sampled rows."""
+    n_out = node.factor.matrix.shape[0]
+    rows = np.sort(rng.choice(n_out, size=min(n_out, 64), replace=False))
+    got = local_rows([step], node.factor.in_shape, node.shape, np.float64, rows)
+    expected = sp.csr_array(node.factor.matrix)[rows]
+    scale = max(abs(expected).max(), 1e-300)
+    return abs(got - expected).max() <= 1e-12 * scale
+
+
+def graph_plan(graph):
+    """Per node of a :class:`~opextract.FactorGraph` its patch step (None for
+    the input, sums and concatenations); None when a node is not covered."""
+    nodes = graph.nodes
+    nd = len(graph.in_shape) - 1
+    if nd < 1 or len(graph.out_shape) != nd + 1:
+        return None
+    rng = np.random.default_rng(0)
+    needed = graph._needed()
+    steps = [None] * len(nodes)
+    for i, node in enumerate(nodes):
+        if not needed[i] or node.op in ("input", "sum"):
+            continue
+        if len(node.shape) != nd + 1:
+            return None
+        if node.op == "cat":
+            if node.axis != 0:
+                return None
+            continue
+        d = _diag_of(node.factor.matrix, node.shape)
+        if d is not None and tuple(node.factor.in_shape) == tuple(node.shape):
+            steps[i] = _Diag(d)
+            continue
+        step = None
+        if node.module is not None:
+            step = _module_step(node.module, node.factor.in_shape, node.shape)
+        if step is None or not _agrees(step, node, rng):
+            logger.debug("graph node %s: no windowed step", node.name)
+            return None
+        steps[i] = step
+    return steps
+
+
+def _place(out: np.ndarray, g: np.ndarray, offset: np.ndarray, weight=1.0) -> None:
+    """Add ``weight * g`` into ``out`` at each row's ``offset`` per axis."""
+    nd = offset.shape[0]
+    w = g.shape[:nd]
+    keys, inverse = np.unique(offset.T, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    for k, key in enumerate(keys):
+        mine = np.flatnonzero(inverse == k)
+        index = tuple(slice(int(o), int(o) + wi) for o, wi in zip(key, w))
+        part = g[..., mine, :] if len(mine) < g.shape[nd] else g
+        out[index + (mine if len(mine) < g.shape[nd] else slice(None),)] += (
+            weight * part
         )
-        counts.append(count)
-        parts_c.append(indices)
-        parts_v.append(data)
-    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
-    indices = np.concatenate(parts_c)
-    idx = csr_bytes(len(indices), n_out, n_in, dtype)[1]
-    data = np.concatenate(parts_v).astype(dtype, copy=False)
-    out = sp.csr_array(
-        (data, indices.astype(idx), indptr.astype(idx)), shape=(n_out, n_in)
+
+
+def _accumulate(adjoints, j, g, start, sizes, weight=1.0, owned=True) -> None:
+    """Add ``weight * g`` (starts ``start``) to the patches held for node ``j``;
+    ``g`` is kept as it is when ``owned`` (nothing else holds it)."""
+    nd = start.shape[0]
+    if j not in adjoints:
+        if weight != 1.0:
+            g = g * weight
+        elif not owned:
+            g = g.copy()
+        adjoints[j] = (g, start)
+        return
+    h, s = adjoints[j]
+    lo = np.minimum(s, start)
+    hi = np.maximum(
+        s + np.array(h.shape[:nd])[:, None], start + np.array(g.shape[:nd])[:, None]
     )
-    out.has_sorted_indices = True
-    return out
+    width = tuple(int(v) for v in (hi - lo).max(axis=1))
+    if width == h.shape[:nd] and np.array_equal(lo, s):
+        _place(h, g, start - lo, weight)
+        return
+    out = np.zeros(width + h.shape[nd:])
+    _place(out, h, s - lo)
+    _place(out, g, start - lo, weight)
+    adjoints[j] = _crop(out, lo, sizes)
+
+
+def graph_rows(graph, steps) -> sp.csr_array:
+    """The operator of a graph planned by :func:`graph_plan`, by patches."""
+    nodes = graph.nodes
+    in_shape, out_shape = graph.in_shape, graph.out_shape
+    nd = len(in_shape) - 1
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    block, parts, done, nnz = min(n_out, 256), [], 0, 0
+    while done < n_out:
+        flat = np.arange(done, min(done + block, n_out))
+        adjoints = {graph.output: _one_hot(flat, out_shape)}
+        peak = 0
+        for i in range(len(nodes) - 1, 0, -1):
+            if i not in adjoints:
+                continue
+            g, start = adjoints.pop(i)
+            peak = max(peak, g.nbytes + sum(h.nbytes for h, _ in adjoints.values()))
+            node, step = nodes[i], steps[i]
+            sizes = nodes[node.inputs[0]].shape[1:] if node.inputs else None
+            if node.op == "sum":
+                last = len(node.inputs) - 1
+                for k, (w, j) in enumerate(zip(node.weights, node.inputs)):
+                    _accumulate(
+                        adjoints, j, g, start, nodes[j].shape[1:], w, owned=k == last
+                    )
+            elif node.op == "cat":
+                c0 = 0
+                for j in node.inputs:
+                    c = nodes[j].shape[0]
+                    part = np.ascontiguousarray(g[..., c0 : c0 + c])
+                    _accumulate(adjoints, j, part, start, nodes[j].shape[1:])
+                    c0 += c
+            elif isinstance(step, _Diag):
+                _scale(g, step.values, start)
+                _accumulate(adjoints, node.inputs[0], g, start, sizes)
+            else:
+                g, start = _back_map(g, start, step)
+                g, start = _crop(g, start, sizes)
+                _mask(g, start, sizes)
+                _accumulate(adjoints, node.inputs[0], g, start, sizes)
+        if 0 in adjoints:
+            g, start = adjoints[0]
+        else:  # the output does not depend on the input
+            g, start = (
+                np.zeros((1,) * nd + (len(flat), in_shape[0])),
+                np.zeros((nd, len(flat)), dtype=np.int64),
+            )
+        parts.append(_rows_of(g, start, in_shape))
+        nnz += len(parts[-1][1])
+        done += len(flat)
+        estimate = csr_bytes(int(nnz * n_out / done), n_out, n_in, graph.dtype)[0]
+        check_bytes(estimate, "the operator of the graph")
+        block = max(1, min(4 * block, int(block * BLOCK_BYTES / max(peak, 1))))
+    return _csr(parts, n_out, n_in, graph.dtype)
