@@ -449,3 +449,13 @@ def patch_fill(g, start, offsets, sizes, strides, n_spatial, indptr, indices, da
                     indices[pos] = col
                     data[pos] = v
                     pos += 1
+
+
+@njit(cache=True, parallel=True)
+def patch_place(out, g, target, base, weight):
+    """``out[target[q] + base[r], r, :] += weight * g[q, r, :]`` for all q, r."""
+    for r in prange(g.shape[1]):
+        for q in range(g.shape[0]):
+            o = target[q] + base[r]
+            for c in range(g.shape[2]):
+                out[o, r, c] += weight * g[q, r, c]

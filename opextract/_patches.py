@@ -96,6 +96,16 @@ class _Map:
 
     axes: list
     weight: np.ndarray
+    #: The kernel is one identity tap (a nearest upsampling alone).
+    copies: bool = False
+
+    def __post_init__(self):
+        w = self.weight
+        self.copies = bool(
+            w.shape[0] == w.shape[1]
+            and math.prod(w.shape[2:]) == 1
+            and np.array_equal(w.reshape(w.shape[:2]), np.eye(w.shape[0]))
+        )
 
 
 @dataclass
@@ -344,6 +354,8 @@ def _back_map(g, start, step: _Map):
     # The taps came in front, last axis first; put them after the channels
     # they multiply, in axis order: (*window, rows, C_out, *taps).
     h = np.moveaxis(h, tuple(range(nd)), tuple(range(-1, -nd - 1, -1)))
+    if step.copies:
+        return np.ascontiguousarray(h).reshape(new + (rows, c_in)), new_start
     h = np.ascontiguousarray(h).reshape(-1, c_out * taps)
     wmat = np.moveaxis(weight, 1, -1).reshape(c_out * taps, c_in)
     out = (h @ wmat).reshape(new + (rows, c_in))
@@ -526,16 +538,19 @@ def graph_plan(graph):
 def _place(out: np.ndarray, g: np.ndarray, offset: np.ndarray, weight=1.0) -> None:
     """Add ``weight * g`` into ``out`` at each row's ``offset`` per axis."""
     nd = offset.shape[0]
-    w = g.shape[:nd]
-    keys, inverse = np.unique(offset.T, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    for k, key in enumerate(keys):
-        mine = np.flatnonzero(inverse == k)
-        index = tuple(slice(int(o), int(o) + wi) for o, wi in zip(key, w))
-        part = g[..., mine, :] if len(mine) < g.shape[nd] else g
-        out[index + (mine if len(mine) < g.shape[nd] else slice(None),)] += (
-            weight * part
-        )
+    rows, channels = g.shape[nd], g.shape[nd + 1]
+    strides = [math.prod(out.shape[a + 1 : nd]) for a in range(nd)]
+    base = sum(offset[a] * strides[a] for a in range(nd)).astype(np.int64)
+    target = sum(
+        u.reshape(-1) * strides[a] for a, u in enumerate(np.indices(g.shape[:nd]))
+    ).astype(np.int64)
+    _kernels.patch_place(
+        out.reshape(-1, rows, channels),
+        np.ascontiguousarray(g).reshape(-1, rows, channels),
+        target,
+        base,
+        float(weight),
+    )
 
 
 def _accumulate(adjoints, j, g, start, sizes, weight=1.0, owned=True) -> None:

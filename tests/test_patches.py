@@ -371,3 +371,150 @@ def test_plan_refuses_what_it_cannot_window():
     # The fused upsampling by 8 and convolution reads coarse entries.
     dens = [[a.den for a in s.axes] for s in steps if isinstance(s, _patches._Map)]
     assert dens == [[1, 1], [8, 8], [1, 1]]
+
+
+# ---------------------------------------------------------------------------
+# Graphs
+
+
+@pytest.fixture
+def graph_used(monkeypatch):
+    calls = []
+    original = _patches.graph_rows
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_patches, "graph_rows", spy)
+    return calls
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "leaky"])
+def test_unet_by_patches(linear, graph_used):
+    from analysis import models
+
+    net = models.unet(2, 4, linear=linear, input_size=16, seed=0).double().eval()
+    shape = (3, 16, 16)
+    for x in _points(shape):
+        graph_used.clear()
+        J = opextract.to_sparse(net, shape, at=None if linear else x)
+        assert graph_used
+        point = torch.zeros_like(x) if linear else x
+        assert_close(J, _jacobian(net, point), rtol=1e-12, atol=1e-14)
+        assert J.nnz == np.count_nonzero(J.toarray()) and J.has_sorted_indices
+
+
+class _Skips(nn.Module):
+    """A drawn program of convolutions, upsamplings, activations and skips
+    (sums and channel concatenations with an earlier value of the same
+    spatial size), resolved at construction so that the forward traces."""
+
+    def __init__(self, program, channels: int, size: int):
+        super().__init__()
+        shapes = [(channels, size)]
+        self.plan, self.mods = [], nn.ModuleList()
+        for op in program:
+            c, s = shapes[-1]
+            if op[0] == "conv":
+                _, c_out, k, stride = op
+                self.mods.append(nn.Conv2d(c, c_out, k, stride, padding=k // 2))
+                self.plan.append(("mod",))
+                shapes.append((c_out, (s + 2 * (k // 2) - k) // stride + 1))
+            elif op[0] == "up":
+                self.mods.append(nn.Upsample(scale_factor=2))
+                self.plan.append(("mod",))
+                shapes.append((c, 2 * s))
+            elif op[0] == "act":
+                self.mods.append(nn.LeakyReLU(0.2))
+                self.plan.append(("mod",))
+                shapes.append((c, s))
+            else:
+                same = [i for i, (ci, si) in enumerate(shapes) if si == s]
+                j = same[op[1] % len(same)]
+                if op[0] == "add" and shapes[j][0] == c:
+                    self.plan.append(("add", j, op[2]))
+                    shapes.append((c, s))
+                else:
+                    self.plan.append(("cat", j))
+                    shapes.append((c + shapes[j][0], s))
+        self.out_shape = shapes[-1]
+
+    def forward(self, x):
+        values = [x]
+        mods = iter(self.mods)
+        for step in self.plan:
+            h = values[-1]
+            if step[0] == "mod":
+                h = next(mods)(h)
+            elif step[0] == "add":
+                h = h + step[2] * values[step[1]]
+            else:
+                h = torch.cat([h, values[step[1]]], dim=1)
+            values.append(h)
+        return values[-1]
+
+
+_graph_op = st.one_of(
+    st.tuples(
+        st.just("conv"), st.integers(1, 3), st.sampled_from([1, 3]), st.integers(1, 2)
+    ),
+    st.tuples(st.just("up")),
+    st.tuples(st.just("act")),
+    st.tuples(st.just("add"), st.integers(0, 10), st.sampled_from([1.0, -0.5])),
+    st.tuples(st.just("cat"), st.integers(0, 10)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(_graph_op, min_size=1, max_size=7), seed=st.integers(0, 99))
+def test_random_skip_graphs_by_patches(program, seed):
+    torch.manual_seed(seed)
+    model = _Skips(program, 2, 6).double()
+    if model.out_shape[1] > 24:
+        return
+    shape = (2, 6, 6)
+    x = torch.tensor(np.random.default_rng(seed).standard_normal((1, *shape)))
+    J = opextract.to_sparse(model, shape, at=x)
+    assert_close(J, _jacobian(model, x), rtol=1e-12, atol=1e-14)
+
+
+class _Bilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        up = torch.nn.functional.interpolate(h, scale_factor=2, mode="bilinear")
+        return torch.nn.functional.interpolate(x, scale_factor=2) + up
+
+
+def test_graph_with_uncovered_node_is_composed(graph_used):
+    torch.manual_seed(0)
+    model = _Bilinear().double()
+    shape = (2, 5, 5)
+    x = next(_points(shape))
+    J = opextract.to_sparse(model, shape, at=x)
+    assert not graph_used
+    assert_close(J, _jacobian(model, x), rtol=1e-12, atol=1e-14)
+
+
+def test_graph_step_that_disagrees_is_not_used(monkeypatch, graph_used):
+    # A step that does not reproduce the node's own matrix is refused by the
+    # sampled-row check, and the graph is composed instead.
+    original = _patches._module_step
+
+    def wrong(module, in_shape, out_shape):
+        step = original(module, in_shape, out_shape)
+        if step is not None:
+            step.weight = -step.weight
+        return step
+
+    monkeypatch.setattr(_patches, "_module_step", wrong)
+    from analysis import models
+
+    net = models.unet(1, 2, input_size=8, seed=0).double()
+    J = opextract.to_sparse(net, (3, 8, 8))
+    assert not graph_used
+    assert_close(J, _jacobian(net, torch.zeros(1, 3, 8, 8, dtype=torch.float64)))
