@@ -8,6 +8,7 @@ Run from the repository root::
     python benchmarks/bench_layers.py --local-channels 64
     python benchmarks/bench_layers.py --skip-local   # builders only
     python benchmarks/bench_layers.py --local-only --local-model nld-64-192
+    python benchmarks/bench_layers.py --local-only --local-model unet
 
 Every row is measured in this process. ``builder`` is the best of a few runs
 after a warm-up (the first call's time, which loads or compiles the Numba
@@ -252,12 +253,21 @@ def nonlinear_d(channels: int, negative_slope: float = 0.2) -> nn.Sequential:
     return nn.Sequential(*layers).double().eval()
 
 
+class _Skip(Exception):
+    pass
+
+
 def bench_local(channels: int, model_name: str = "d") -> None:
     from opextract import _compose, _patches
 
     if model_name == "d":
         model = nonlinear_d(channels)
         title = f"nonlinear D (channels={channels})"
+    elif model_name == "unet":
+        from analysis.models import unet
+
+        model = unet(3, 32, linear=False, seed=0).double().eval()
+        title = "a LeakyReLU U-Net (3 levels, width 32)"
     else:
         from analysis.models import nld_ab
 
@@ -277,6 +287,10 @@ def bench_local(channels: int, model_name: str = "d") -> None:
     plan, gain = _patches.plan, _compose.COMPRESSION_GAIN
     others = {}
     try:
+        if model_name == "unet":
+            # A graph: without patches it is composed from the input side,
+            # minutes here; not repeated.
+            raise _Skip
         _patches.plan = lambda layers: None
         others["  patches off"] = _best(
             lambda: opextract.to_sparse(model, shape, at=x), repeat=1
@@ -285,6 +299,8 @@ def bench_local(channels: int, model_name: str = "d") -> None:
         others["  composed factors only"] = _best(
             lambda: opextract.to_sparse(model, shape, at=x), repeat=1
         )
+    except _Skip:
+        pass
     finally:
         _patches.plan, _compose.COMPRESSION_GAIN = plan, gain
 
@@ -315,9 +331,10 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--local-model",
-        choices=["d", "nld-64-192"],
+        choices=["d", "nld-64-192", "unet"],
         default="d",
-        help="the nonlinear network: D-type with --local-channels, or NLD_{64,192}",
+        help="the nonlinear network: D-type with --local-channels, NLD_{64,192} "
+        "or a LeakyReLU U-Net",
     )
     parser.add_argument("--skip-local", action="store_true")  # fmt: skip
     parser.add_argument(
