@@ -113,7 +113,10 @@ class FactorGraph:
     -----
     Evaluating the nodes in order on a flattened input (:meth:`evaluate`)
     gives the network's linear part (its local linear part when built with
-    ``at``); :meth:`to_sparse` multiplies the factors out and equals it.
+    ``at``); :meth:`to_sparse` equals it. It builds the rows from the output
+    side as windowed patches when every node is a convolution, a nearest
+    upsampling, an elementwise layer, a sum or a channel concatenation
+    (``opextract._patches``), and multiplies the factors out otherwise.
 
     Examples
     --------

@@ -1,4 +1,4 @@
-"""Local operators of convolution chains by windowed reverse-mode products.
+"""Operators of convolution chains and graphs by windowed reverse-mode products.
 
 At a point, a chain of convolutions, nearest upsamplings and elementwise
 activations has a Jacobian whose row for one output entry lives, at every
@@ -9,32 +9,38 @@ of all rows have the same size at each layer, only their starts differ, so
 all rows go back through a layer together as dense *patches* of shape
 ``(*window, rows, channels)``:
 
-* a convolution is one BLAS product of the patches with the kernel,
-  ``(window * rows, C_out) @ (C_out, taps * C_in)``, whose blocks are then
-  added into the wider window at the offsets of their taps;
-* a nearest upsampling before a convolution (one fused layer) first sums the
-  patch over the fine positions that read the same coarse entry through the
-  same tap, then multiplies by the kernel, so that the kernel product runs on
-  the coarse grid: ``(coarse window * rows, taps * C_out) @ (taps * C_out,
-  C_in)``;
+* a convolution is one BLAS product of the patches with the kernel per tap,
+  ``(window * rows, C_out) @ (C_out, C_in)``, added into the wider window at
+  the tap's offset (one product for all taps when ``C_in`` is small);
+* a nearest upsampling first sums the patch over the fine positions that
+  read one coarse entry through one tap; fused with the convolution after it,
+  the kernel product then runs on the coarse grid: ``(coarse window * rows,
+  C_out * taps) @ (C_out * taps, C_in)``;
 * an activation at the point multiplies the patch by its slopes, read in
   each row's window (zero outside the feature map).
 
 Entries of a window that fall outside the feature map stand for zero
-padding: they are kept at zero, and they never become columns. Every entry of
-the result is a sum of products of the layers' own values, accumulated by
-BLAS; nothing is read off approximately. The cost is the size of the windows
-times the channels, independent of how the activations are laid out, so this
-suits downsampling networks whose bottleneck reaches the whole output, where
-coloring the inputs (``_compose.compression_plan``) saves little.
+padding: they are kept at zero and never become columns, and a window wider
+than its feature map is cropped to it. Every entry of the result is a sum of
+products of the layers' own values, accumulated by BLAS; nothing is read off
+approximately. The cost is the size of the windows times the channels,
+whatever the activation pattern, so this also suits downsampling networks
+whose bottleneck reaches the whole output, where coloring the inputs
+(``_compose.compression_plan``) saves little.
 
 An axis of a structured layer is the index map ``pos = (num * o + dil * tap -
 pad) // den``: ``den = 1`` for a convolution (``num`` its stride), ``den``
-the upsampling factor for a nearest upsampling by an integer factor fused
-with the convolution after it. The map is read from the module and checked
-against the layer's own tap pairs (``ChainLayer.paths``); a layer that does
-not match exactly (circular padding, a fractional upsampling, ...) makes the
-chain fall back to the other paths.
+the factor of a nearest upsampling by an integer factor (alone, or fused
+with the convolution after it). In a chain the map is read from the module
+and checked against the layer's own tap pairs (``ChainLayer.paths``); in a
+graph (:func:`graph_plan`) each step is checked against the node's matrix on
+sampled rows. A layer that does not match exactly (circular padding, a
+fractional upsampling, ...) makes the model fall back to the other paths.
+
+Graphs go back node by node in reverse topological order: a sum passes the
+patches to each input times its weight, a channel concatenation splits them,
+and where patches from two consumers of one node meet, each row's two
+windows are merged into one that covers both.
 """
 
 from __future__ import annotations
@@ -194,7 +200,7 @@ def plan(layers):
 
 def _widths(steps, nd):
     """Per step (backward order): the window widths after it, the bytes per
-    row of the arrays it makes and its multiply-adds per row."""
+    row of the arrays it makes and its multiply-adds per row (logged)."""
     w = (1,) * nd
     out = []
     for step in reversed(steps):
@@ -217,11 +223,6 @@ def _widths(steps, nd):
         w = tuple(min(n, a.n_in) for n, a in zip(new, step.axes))
         out.append((w, 8 * (math.prod(new) * c_in + inner), macs))
     return out
-
-
-def cost(steps, nd: int, n_rows: int) -> float:
-    """Estimated multiply-adds of ``n_rows`` rows through ``steps``."""
-    return float(n_rows) * sum(m for _w, _b, m in _widths(steps, nd))
 
 
 def _scale(g: np.ndarray, values: np.ndarray, start: np.ndarray) -> None:
@@ -418,6 +419,12 @@ def local_rows(steps, in_shape, out_shape, dtype, rows=None) -> sp.csr_array:
     size = csr_bytes(len(rows) * final, len(rows), n_in, dtype)[0]
     check_bytes(size, "the local operator")
     block = max(1, min(len(rows), BLOCK_BYTES // per_row))
+    logger.debug(
+        "%d rows by patches, blocks of %d: %.2e multiply-adds",
+        len(rows),
+        block,
+        len(rows) * sum(m for _w, _b, m in widths),
+    )
     parts = []
     for lo in range(0, len(rows), block):
         g, start = _one_hot(rows[lo : lo + block], out_shape)
