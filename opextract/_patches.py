@@ -468,8 +468,10 @@ def _module_step(module, in_shape, out_shape):
             weight[rows, g * c_in_g : (g + 1) * c_in_g] = w[rows]
         ks = tuple(module.kernel_size)
         dens = (1,) * nd
-    elif isinstance(module, torch.nn.Upsample) and module.mode == "nearest":
-        if any(o % i for o, i in zip(out_shape[1:], in_shape[1:])):
+    elif isinstance(module, (torch.nn.Upsample, _Nearest)) and module.mode == "nearest":
+        if in_shape[0] != out_shape[0] or any(
+            o % i for o, i in zip(out_shape[1:], in_shape[1:])
+        ):
             return None
         params = ((1,) * nd, (1,) * nd, (0,) * nd)
         weight = np.eye(in_shape[0]).reshape((in_shape[0],) * 2 + (1,) * nd)
@@ -484,6 +486,15 @@ def _module_step(module, in_shape, out_shape):
         for a in range(nd)
     ]  # fmt: skip
     return _Map(axes, weight)
+
+
+class _Nearest:
+    """Stands for a nearest upsampling whose factors follow from the shapes."""
+
+    mode = "nearest"
+
+
+_NEAREST = _Nearest()
 
 
 def _diag_of(matrix, shape):
@@ -535,6 +546,10 @@ def graph_plan(graph):
         step = None
         if node.module is not None:
             step = _module_step(node.module, node.factor.in_shape, node.shape)
+        elif node.target == "interpolate":
+            # F.interpolate has no module: try a nearest upsampling by the
+            # sizes' ratio, which the sampled rows then confirm or refuse.
+            step = _module_step(_NEAREST, node.factor.in_shape, node.shape)
         if step is None or not _agrees(step, node, rng):
             logger.debug("graph node %s: no windowed step", node.name)
             return None
