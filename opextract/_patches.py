@@ -64,7 +64,11 @@ BLOCK_BYTES = 128 * 2**20
 
 @dataclass(frozen=True)
 class _Axis:
-    """``pos = (num * o + dil * tap - pad) // den`` along one spatial axis."""
+    """``pos = (num * o + dil * tap - pad) // den`` along one spatial axis.
+
+    With ``exact`` (a transposed convolution of stride ``den``) only the
+    pairs where the division leaves no remainder connect.
+    """
 
     num: int
     den: int
@@ -73,6 +77,7 @@ class _Axis:
     k: int
     n_in: int
     n_out: int
+    exact: bool = False
 
     def width(self, w: int) -> int:
         """Window width on the input side of a window of ``w`` outputs."""
@@ -174,7 +179,12 @@ def _axes_of(layer):
 def plan(layers):
     """The chain as patch steps (forward order), or None when a layer is not a
     zero-padded convolution, a nearest upsampling by integer factors (fused
-    with a convolution or alone) or an elementwise diagonal."""
+    with a convolution or alone) or an elementwise diagonal.
+
+    Transposed convolutions are left to the composed factors here: in the
+    chains measured, their windows soon covered whole feature maps, and the
+    composition was faster (graphs, whose composition is slower, take them).
+    """
     from opextract._compose import _diagonal_values
 
     steps = []
@@ -289,9 +299,16 @@ def _tap_sums(h, axis: int, rows_axis: int, rho, a: _Axis, w_new: int) -> np.nda
     for t in range(a.k):
         dst[0] = t
         for u in range(h.shape[axis]):
-            rel = (rho + a.num * u + a.dil * t) // a.den
+            fine = rho + a.num * u + a.dil * t
+            rel = fine // a.den
             starts = np.flatnonzero(np.diff(rel, prepend=rel[0] - 1))
             stops = np.append(starts[1:], len(rel))
+            if a.exact:
+                # One residue divides: one run of the sorted rows.
+                mine = np.flatnonzero(fine % a.den == 0)
+                if not len(mine):
+                    continue
+                starts, stops = mine[:1], mine[-1:] + 1
             src[axis] = u
             for lo, hi in zip(starts, stops):
                 src[rows_axis] = dst[1 + rows_axis] = slice(lo, hi)
@@ -477,6 +494,9 @@ def _module_step(module, in_shape, out_shape):
         weight = np.eye(in_shape[0]).reshape((in_shape[0],) * 2 + (1,) * nd)
         ks = (1,) * nd
         dens = tuple(o // i for o, i in zip(out_shape[1:], in_shape[1:]))
+    elif _is_transposed(module):
+        transposed = _transposed_step(module, in_shape, out_shape)
+        return transposed
     else:
         return None
     (num, dil, pad) = params
@@ -485,6 +505,49 @@ def _module_step(module, in_shape, out_shape):
               int(in_shape[1 + a]), int(out_shape[1 + a]))
         for a in range(nd)
     ]  # fmt: skip
+    return _Map(axes, weight)
+
+
+def _is_transposed(module) -> bool:
+    import torch
+
+    kinds = (
+        torch.nn.ConvTranspose1d,
+        torch.nn.ConvTranspose2d,
+        torch.nn.ConvTranspose3d,
+    )
+    return type(module) in kinds
+
+
+def _transposed_step(module, in_shape, out_shape):
+    """A transposed convolution: input ``i`` reaches output ``s i + d t - p``,
+    so output ``o`` reads input ``(o + p - d t) / s`` where that divides. With
+    the taps flipped (``t' = k - 1 - t``) this is the ``exact`` map of
+    numerator ``o + d t' - (d (k - 1) - p)`` over ``s``."""
+    import torch
+
+    nd = len(in_shape) - 1
+    if module.padding_mode != "zeros" or len(out_shape) != nd + 1:
+        return None
+    w = module.weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    groups = module.groups
+    c_in, c_out_g = w.shape[:2]
+    c_in_g = c_in // groups
+    weight = np.zeros((c_out_g * groups, c_in) + w.shape[2:])
+    for g in range(groups):
+        block = w[g * c_in_g : (g + 1) * c_in_g]  # (C_in/g, C_out/g, *k)
+        weight[g * c_out_g : (g + 1) * c_out_g, g * c_in_g : (g + 1) * c_in_g] = (
+            np.swapaxes(block, 0, 1)
+        )
+    weight = np.ascontiguousarray(np.flip(weight, axis=tuple(range(2, 2 + nd))))
+    axes = []
+    for a in range(nd):
+        k, s = int(module.kernel_size[a]), int(module.stride[a])
+        d, p = int(module.dilation[a]), int(module.padding[a])
+        axes.append(
+            _Axis(1, s, d, d * (k - 1) - p, k, int(in_shape[1 + a]),
+                  int(out_shape[1 + a]), exact=s > 1)
+        )  # fmt: skip
     return _Map(axes, weight)
 
 
@@ -510,12 +573,12 @@ def _diag_of(matrix, shape):
     return d.reshape(shape)
 
 
-def _agrees(step, node, rng) -> bool:
-    """Whether ``step`` gives the node's own matrix on sampled rows."""
-    n_out = node.factor.matrix.shape[0]
+def _agrees(step, matrix, in_shape, out_shape, rng) -> bool:
+    """Whether ``step`` gives the layer's own ``matrix`` on sampled rows."""
+    n_out = matrix.shape[0]
     rows = np.sort(rng.choice(n_out, size=min(n_out, 64), replace=False))
-    got = local_rows([step], node.factor.in_shape, node.shape, np.float64, rows)
-    expected = sp.csr_array(node.factor.matrix)[rows]
+    got = local_rows([step], in_shape, out_shape, np.float64, rows)
+    expected = sp.csr_array(matrix)[rows]
     scale = max(abs(expected).max(), 1e-300)
     return abs(got - expected).max() <= 1e-12 * scale
 
@@ -550,7 +613,9 @@ def graph_plan(graph):
             # F.interpolate has no module: try a nearest upsampling by the
             # sizes' ratio, which the sampled rows then confirm or refuse.
             step = _module_step(_NEAREST, node.factor.in_shape, node.shape)
-        if step is None or not _agrees(step, node, rng):
+        if step is None or not _agrees(
+            step, node.factor.matrix, node.factor.in_shape, node.shape, rng
+        ):
             logger.debug("graph node %s: no windowed step", node.name)
             return None
         steps[i] = step

@@ -298,6 +298,15 @@ FALLBACKS = [
     ),
     pytest.param(
         lambda: nn.Sequential(
+            C2(2, 3, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1),
+        ),
+        (2, 8, 8),
+        id="transposed-convolution-in-a-chain",
+    ),
+    pytest.param(
+        lambda: nn.Sequential(
             C2(2, 3, 3, padding=1),
             nn.ReLU(),
             nn.Flatten(),
@@ -554,4 +563,44 @@ def test_functional_unet(mode, graph_used):
         # A bilinear upsampling is not a nearest one: the sampled rows refuse
         # the guess and the graph is composed.
         assert bool(graph_used) == (mode != "bilinear")
+        assert_close(J, _jacobian(model, x), rtol=1e-12, atol=1e-14)
+
+
+class _TransposedUNet(nn.Module):
+    """Two levels, up by transposed convolutions (1-D, 2-D or 3-D)."""
+
+    def __init__(self, nd: int):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+        up = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[nd]
+        self.inc = conv(2, 3, 3, padding=1)
+        self.down = conv(3, 4, 3, stride=2, padding=1)
+        # Three ways of doubling the size, with groups, output_padding and
+        # dilation.
+        options = {
+            1: dict(kernel_size=4, padding=1, groups=2),
+            2: dict(kernel_size=3, padding=1, output_padding=1),
+            3: dict(kernel_size=3, padding=2, output_padding=1, dilation=2),
+        }[nd]
+        self.up = up(4, 4, stride=2, **options)
+        self.mix = up(7, 3, 3, stride=1, padding=1, dilation=1)
+        self.out = conv(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.nn.functional.leaky_relu(self.inc(x), 0.2)
+        b = torch.relu(self.down(a))
+        c = torch.cat([self.up(b), a], dim=1)
+        return self.out(torch.nn.functional.leaky_relu(self.mix(c), 0.2))
+
+
+@pytest.mark.parametrize(
+    ("nd", "shape"), [(1, (2, 12)), (2, (2, 8, 6)), (3, (2, 4, 4, 6))]
+)
+def test_transposed_convolutions_in_graphs(nd, shape, graph_used):
+    torch.manual_seed(0)
+    model = _TransposedUNet(nd).double()
+    for x in _points(shape):
+        graph_used.clear()
+        J = opextract.to_sparse(model, shape, at=x)
+        assert graph_used
         assert_close(J, _jacobian(model, x), rtol=1e-12, atol=1e-14)
