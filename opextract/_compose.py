@@ -878,7 +878,15 @@ def _diagonal_values(layer):
         or tuple(layer.built.out_shape) != tuple(layer.in_shape)
     ):
         return None
-    m = sp.csr_array(m)
+    return diagonal_of(m)
+
+
+def diagonal_of(matrix):
+    """The diagonal of a square matrix that is diagonal (zeros possibly not
+    stored), as a float64 vector, else None."""
+    m = sp.csr_array(matrix)
+    if m.shape[0] != m.shape[1]:
+        return None
     counts = np.diff(m.indptr)
     if counts.max(initial=0) > 1:
         return None

@@ -296,18 +296,23 @@ class _Plan:
         return out
 
 
-def dense_weight(plan: _Plan) -> np.ndarray:
-    """The plan's weight with dense channels: zeros between the groups."""
-    w5, groups = plan.w5, plan.groups
+def dense_channels(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped kernel ``(C_out, C_in / groups, *k)`` as ``(C_out, C_in, *k)``
+    with zeros between the groups."""
     if groups == 1:
-        return w5
-    cout, cin_g = w5.shape[:2]
+        return weight
+    cout, cin_g = weight.shape[:2]
     cout_g = cout // groups
-    dense = np.zeros((cout, cin_g * groups) + w5.shape[2:], dtype=w5.dtype)
+    dense = np.zeros((cout, cin_g * groups) + weight.shape[2:], dtype=weight.dtype)
     for g in range(groups):
         rows = slice(g * cout_g, (g + 1) * cout_g)
-        dense[rows, g * cin_g : (g + 1) * cin_g] = w5[rows]
+        dense[rows, g * cin_g : (g + 1) * cin_g] = weight[rows]
     return dense
+
+
+def dense_weight(plan: _Plan) -> np.ndarray:
+    """The plan's weight with dense channels: zeros between the groups."""
+    return dense_channels(plan.w5, plan.groups)
 
 
 def plan_from_paths(weight, paths, in_spatial, out_spatial, where) -> _Plan:

@@ -48,12 +48,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
-from opextract import _kernels
+from opextract import _conv, _kernels
+from opextract._compose import _diagonal_values, diagonal_of
 from opextract._validate import check_bytes, csr_bytes
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class _Map:
     axes: list
     weight: np.ndarray
     #: The kernel is one identity tap (a nearest upsampling alone).
-    copies: bool = False
+    copies: bool = field(init=False)
 
     def __post_init__(self):
         w = self.weight
@@ -128,21 +129,14 @@ class _Diag:
 
 def _conv_params(module, nd: int):
     """(stride, dilation, left padding) of a zero-padded torch convolution."""
-    import torch
+    from opextract._chain import _is_conv
+    from opextract._conv import _resolve_padding
 
-    if type(module) not in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
+    if not _is_conv(module) or module.padding_mode != "zeros":
         return None
-    if module.padding_mode != "zeros":
-        return None
-    k = tuple(module.kernel_size)
-    dil = tuple(module.dilation)
-    if module.padding == "valid":
-        pad = (0,) * nd
-    elif module.padding == "same":
-        pad = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
-    else:
-        pad = tuple(module.padding)
-    return tuple(module.stride), dil, pad
+    dilation, stride = tuple(module.dilation), tuple(module.stride)
+    left, _ = _resolve_padding(module.padding, module.kernel_size, dilation, stride, nd)
+    return stride, dilation, left
 
 
 def _axes_of(layer):
@@ -185,8 +179,6 @@ def plan(layers):
     chains measured, their windows soon covered whole feature maps, and the
     composition was faster (graphs, whose composition is slower, take them).
     """
-    from opextract._compose import _diagonal_values
-
     steps = []
     nd = len(layers[0].in_shape) - 1
     if nd < 1:
@@ -301,14 +293,13 @@ def _tap_sums(h, axis: int, rows_axis: int, rho, a: _Axis, w_new: int) -> np.nda
         for u in range(h.shape[axis]):
             fine = rho + a.num * u + a.dil * t
             rel = fine // a.den
-            starts = np.flatnonzero(np.diff(rel, prepend=rel[0] - 1))
-            stops = np.append(starts[1:], len(rel))
             if a.exact:
                 # One residue divides: one run of the sorted rows.
                 mine = np.flatnonzero(fine % a.den == 0)
-                if not len(mine):
-                    continue
                 starts, stops = mine[:1], mine[-1:] + 1
+            else:
+                starts = np.flatnonzero(np.diff(rel, prepend=rel[0] - 1))
+                stops = np.append(starts[1:], len(rel))
             src[axis] = u
             for lo, hi in zip(starts, stops):
                 src[rows_axis] = dst[1 + rows_axis] = slice(lo, hi)
@@ -463,49 +454,49 @@ def local_rows(steps, in_shape, out_shape, dtype, rows=None) -> sp.csr_array:
 
 
 def _module_step(module, in_shape, out_shape):
-    """The patch step of a convolution or nearest-upsampling module, or None."""
+    """The patch step of a convolution, transposed convolution or nearest
+    upsampling module, or None."""
     import torch
-
-    from opextract._chain import _is_conv
 
     nd = len(in_shape) - 1
     if len(out_shape) != nd + 1:
         return None
-    if _is_conv(module):
-        params = _conv_params(module, nd)
-        if params is None:
-            return None
-        w = module.weight.detach().to(device="cpu", dtype=torch.float64).numpy()
-        groups = module.groups
-        c_out, c_in_g = w.shape[:2]
-        weight = np.zeros((c_out, c_in_g * groups) + w.shape[2:])
-        per = c_out // groups
-        for g in range(groups):
-            rows = slice(g * per, (g + 1) * per)
-            weight[rows, g * c_in_g : (g + 1) * c_in_g] = w[rows]
-        ks = tuple(module.kernel_size)
-        dens = (1,) * nd
-    elif isinstance(module, (torch.nn.Upsample, _Nearest)) and module.mode == "nearest":
-        if in_shape[0] != out_shape[0] or any(
-            o % i for o, i in zip(out_shape[1:], in_shape[1:])
-        ):
-            return None
-        params = ((1,) * nd, (1,) * nd, (0,) * nd)
-        weight = np.eye(in_shape[0]).reshape((in_shape[0],) * 2 + (1,) * nd)
-        ks = (1,) * nd
-        dens = tuple(o // i for o, i in zip(out_shape[1:], in_shape[1:]))
-    elif _is_transposed(module):
-        transposed = _transposed_step(module, in_shape, out_shape)
-        return transposed
-    else:
+    if isinstance(module, torch.nn.Upsample):
+        return _upsample_step(in_shape, out_shape) if module.mode == "nearest" else None
+    if _is_transposed(module):
+        return _transposed_step(module, in_shape, out_shape)
+    params = _conv_params(module, nd)
+    if params is None:
         return None
-    (num, dil, pad) = params
+    num, dil, pad = params
+    weight = _conv.dense_channels(_weight64(module), module.groups)
     axes = [
-        _Axis(int(num[a]), dens[a], int(dil[a]), int(pad[a]), int(ks[a]),
+        _Axis(int(num[a]), 1, int(dil[a]), int(pad[a]), int(module.kernel_size[a]),
               int(in_shape[1 + a]), int(out_shape[1 + a]))
         for a in range(nd)
     ]  # fmt: skip
     return _Map(axes, weight)
+
+
+def _weight64(module) -> np.ndarray:
+    import torch
+
+    return module.weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _upsample_step(in_shape, out_shape):
+    """A nearest upsampling by the integer ratio of the sizes, or None."""
+    nd = len(in_shape) - 1
+    if in_shape[0] != out_shape[0] or any(
+        o % i for o, i in zip(out_shape[1:], in_shape[1:])
+    ):
+        return None
+    axes = [
+        _Axis(1, out_shape[1 + a] // in_shape[1 + a], 1, 0, 1, in_shape[1 + a],
+              out_shape[1 + a])
+        for a in range(nd)
+    ]  # fmt: skip
+    return _Map(axes, np.eye(in_shape[0]).reshape((in_shape[0],) * 2 + (1,) * nd))
 
 
 def _is_transposed(module) -> bool:
@@ -524,22 +515,19 @@ def _transposed_step(module, in_shape, out_shape):
     so output ``o`` reads input ``(o + p - d t) / s`` where that divides. With
     the taps flipped (``t' = k - 1 - t``) this is the ``exact`` map of
     numerator ``o + d t' - (d (k - 1) - p)`` over ``s``."""
-    import torch
-
     nd = len(in_shape) - 1
-    if module.padding_mode != "zeros" or len(out_shape) != nd + 1:
+    if module.padding_mode != "zeros":
         return None
-    w = module.weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    w = _weight64(module)  # (C_in, C_out / groups, *k)
     groups = module.groups
-    c_in, c_out_g = w.shape[:2]
-    c_in_g = c_in // groups
-    weight = np.zeros((c_out_g * groups, c_in) + w.shape[2:])
-    for g in range(groups):
-        block = w[g * c_in_g : (g + 1) * c_in_g]  # (C_in/g, C_out/g, *k)
-        weight[g * c_out_g : (g + 1) * c_out_g, g * c_in_g : (g + 1) * c_in_g] = (
-            np.swapaxes(block, 0, 1)
-        )
-    weight = np.ascontiguousarray(np.flip(weight, axis=tuple(range(2, 2 + nd))))
+    c_in_g = w.shape[0] // groups
+    # Each group's block transposed: the layout of a grouped convolution.
+    grouped = np.concatenate(
+        [np.swapaxes(w[g * c_in_g : (g + 1) * c_in_g], 0, 1) for g in range(groups)]
+    )
+    weight = np.flip(
+        _conv.dense_channels(grouped, groups), axis=tuple(range(2, 2 + nd))
+    )
     axes = []
     for a in range(nd):
         k, s = int(module.kernel_size[a]), int(module.stride[a])
@@ -548,29 +536,7 @@ def _transposed_step(module, in_shape, out_shape):
             _Axis(1, s, d, d * (k - 1) - p, k, int(in_shape[1 + a]),
                   int(out_shape[1 + a]), exact=s > 1)
         )  # fmt: skip
-    return _Map(axes, weight)
-
-
-class _Nearest:
-    """Stands for a nearest upsampling whose factors follow from the shapes."""
-
-    mode = "nearest"
-
-
-_NEAREST = _Nearest()
-
-
-def _diag_of(matrix, shape):
-    """The diagonal of a square diagonal matrix as ``shape``, else None."""
-    m = sp.csr_array(matrix)
-    if m.shape[0] != m.shape[1] or np.diff(m.indptr).max(initial=0) > 1:
-        return None
-    rows = np.flatnonzero(np.diff(m.indptr))
-    if not np.array_equal(m.indices, rows):
-        return None
-    d = np.zeros(m.shape[0])
-    d[rows] = m.data
-    return d.reshape(shape)
+    return _Map(axes, np.ascontiguousarray(weight))
 
 
 def _agrees(step, matrix, in_shape, out_shape, rng) -> bool:
@@ -602,17 +568,18 @@ def graph_plan(graph):
             if node.axis != 0:
                 return None
             continue
-        d = _diag_of(node.factor.matrix, node.shape)
-        if d is not None and tuple(node.factor.in_shape) == tuple(node.shape):
-            steps[i] = _Diag(d)
+        in_shape = tuple(node.factor.in_shape)
+        d = diagonal_of(node.factor.matrix) if in_shape == node.shape else None
+        if d is not None:
+            steps[i] = _Diag(d.reshape(node.shape))
             continue
         step = None
         if node.module is not None:
-            step = _module_step(node.module, node.factor.in_shape, node.shape)
+            step = _module_step(node.module, in_shape, node.shape)
         elif node.target == "interpolate":
             # F.interpolate has no module: try a nearest upsampling by the
             # sizes' ratio, which the sampled rows then confirm or refuse.
-            step = _module_step(_NEAREST, node.factor.in_shape, node.shape)
+            step = _upsample_step(in_shape, node.shape)
         if step is None or not _agrees(
             step, node.factor.matrix, node.factor.in_shape, node.shape, rng
         ):
