@@ -249,7 +249,10 @@ def plot_eigenvector_grid(
     if part not in ("both", "real", "imag"):
         raise ValueError(f"part must be 'both', 'real' or 'imag'; got {part!r}")
     if part == "imag" and a.shape[1] == 1:
-        raise ValueError("part='imag' needs images of shape (k, 2, C, H, W)")
+        raise ValueError(
+            "part='imag' needs images of shape (k, 2, C, H, W); got shape "
+            f"{np.shape(images)}"
+        )
     if int(n) < 1 or int(ncols) < 1:
         raise ValueError(f"n and ncols must be positive; got n={n}, ncols={ncols}")
     a = a[: int(n)]

@@ -682,6 +682,14 @@ def _train(
     losses = history.losses
     t0 = time.perf_counter()
     elapsed_before = history.seconds
+
+    def stamp(iterations: int, reason) -> None:
+        # The history as of ``iterations``, for a checkpoint or the result.
+        history.iterations = iterations
+        history.epochs = iterations / steps_per_epoch
+        history.seconds = elapsed_before + time.perf_counter() - t0
+        history.stop_reason = reason
+
     order = None
     it = start
     interrupted = _DeferredInterrupt(enabled=ckpt_path is not None)
@@ -717,16 +725,10 @@ def _train(
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                 bar.update(it - bar.n)
             if ckpt_path is not None and (it % checkpoint_every == 0 or reason):
-                history.iterations = it
-                history.epochs = it / steps_per_epoch
-                history.seconds = elapsed_before + time.perf_counter() - t0
-                history.stop_reason = reason or ""
+                stamp(it, reason or "")
                 save()
             if interrupted.requested:
-                history.iterations = it
-                history.epochs = it / steps_per_epoch
-                history.seconds = elapsed_before + time.perf_counter() - t0
-                history.stop_reason = ""
+                stamp(it, "")
                 save()
                 logger.info("interrupted after %d iterations; checkpoint written", it)
                 raise KeyboardInterrupt
@@ -735,10 +737,7 @@ def _train(
         bar.close()
         model.train(was_training)
 
-    history.iterations = it
-    history.epochs = it / steps_per_epoch
-    history.seconds = elapsed_before + time.perf_counter() - t0
-    history.stop_reason = reason
+    stamp(it, reason)
     history.device = str(dev)
     with torch.no_grad():
         history.final_loss = float(F.mse_loss(model(x), x))
