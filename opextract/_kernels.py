@@ -403,24 +403,37 @@ def dense_virtual_spmm(x, t_indptr, t_indices, t_data, row_rep, row_shift, out):
                     row[t_indices[q] + shift] += v * t_data[q]
 
 
+@njit(cache=True, inline="always")
+def _patch_columns(r, start, offsets, sizes, strides, cols):
+    """Spatial column of each window entry of row ``r``, -1 outside the input."""
+    nd, n_window = offsets.shape
+    for q in range(n_window):
+        col = 0
+        for a in range(nd):
+            u = start[a, r] + offsets[a, q]
+            if u < 0 or u >= sizes[a]:
+                col = -1
+                break
+            col += u * strides[a]
+        cols[q] = col
+
+
 @njit(cache=True, parallel=True)
-def patch_count(g, start, offsets, sizes, counts):
+def patch_count(g, start, offsets, sizes, strides, counts):
     """Per row, the nonzero entries of its patch that lie inside the input.
 
     ``g`` is ``(window, rows, C)`` (the window flattened), ``offsets`` the
     ``(nd, window)`` offset of each window entry per axis, ``start`` the
-    ``(nd, rows)`` window starts and ``sizes`` the input's spatial sizes.
+    ``(nd, rows)`` window starts, ``sizes`` and ``strides`` the input's
+    spatial sizes and strides.
     """
-    nd, n_window = offsets.shape
+    n_window = offsets.shape[1]
     for r in prange(g.shape[1]):
+        cols = np.empty(n_window, dtype=np.int64)
+        _patch_columns(r, start, offsets, sizes, strides, cols)
         n = 0
         for q in range(n_window):
-            inside = True
-            for a in range(nd):
-                u = start[a, r] + offsets[a, q]
-                if u < 0 or u >= sizes[a]:
-                    inside = False
-            if inside:
+            if cols[q] >= 0:
                 for c in range(g.shape[2]):
                     if g[q, r, c] != 0:
                         n += 1
@@ -430,23 +443,16 @@ def patch_count(g, start, offsets, sizes, counts):
 @njit(cache=True, parallel=True)
 def patch_fill(g, start, offsets, sizes, strides, n_spatial, indptr, indices, data):
     """Write the rows counted by ``patch_count``, columns increasing."""
-    nd, n_window = offsets.shape
+    n_window = offsets.shape[1]
     for r in prange(g.shape[1]):
+        cols = np.empty(n_window, dtype=np.int64)
+        _patch_columns(r, start, offsets, sizes, strides, cols)
         pos = indptr[r]
         for c in range(g.shape[2]):
             for q in range(n_window):
                 v = g[q, r, c]
-                if v == 0:
-                    continue
-                col = c * n_spatial
-                inside = True
-                for a in range(nd):
-                    u = start[a, r] + offsets[a, q]
-                    if u < 0 or u >= sizes[a]:
-                        inside = False
-                    col += u * strides[a]
-                if inside:
-                    indices[pos] = col
+                if v != 0 and cols[q] >= 0:
+                    indices[pos] = c * n_spatial + cols[q]
                     data[pos] = v
                     pos += 1
 

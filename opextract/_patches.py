@@ -390,7 +390,7 @@ def _rows_of(g, start, in_shape):
     sizes = np.array(in_shape[1:], dtype=np.int64)
     strides = np.array([math.prod(in_shape[2 + a :]) for a in range(nd)])
     count = np.empty(rows, dtype=np.int64)
-    _kernels.patch_count(window, start, offsets, sizes, count)
+    _kernels.patch_count(window, start, offsets, sizes, strides, count)
     indptr = np.concatenate([[0], np.cumsum(count)])
     indices = np.empty(indptr[-1], dtype=np.int64)
     data = np.empty(indptr[-1], dtype=np.float64)
@@ -440,11 +440,11 @@ def local_rows(steps, in_shape, out_shape, dtype, rows=None) -> sp.csr_array:
             if isinstance(step, _Diag):
                 _scale(g, step.values, start)
                 continue
-            g, start = _back_map(g, start, step)
-            g, start = _crop(g, start, [a.n_in for a in step.axes])
+            sizes = [a.n_in for a in step.axes]
+            g, start = _crop(*_back_map(g, start, step), sizes)
             following = steps[len(steps) - 2 - i] if i + 1 < len(steps) else None
             if not isinstance(following, _Diag):
-                _mask(g, start, tuple(a.n_in for a in step.axes))
+                _mask(g, start, sizes)
         parts.append(_rows_of(g, start, in_shape))
     return _csr(parts, len(rows), n_in, dtype)
 
