@@ -253,13 +253,27 @@ def nonlinear_d(channels: int, negative_slope: float = 0.2) -> nn.Sequential:
     return nn.Sequential(*layers).double().eval()
 
 
-class _Skip(Exception):
-    pass
+def _other_paths(model, shape, x) -> dict:
+    """Seconds and matrix of ``to_sparse(at=x)`` with patches, then compression, off."""
+    from opextract import _compose, _patches
+
+    plan, gain = _patches.plan, _compose.COMPRESSION_GAIN
+    others = {}
+    try:
+        _patches.plan = lambda layers: None
+        others["  patches off"] = _best(
+            lambda: opextract.to_sparse(model, shape, at=x), repeat=1
+        )
+        _compose.COMPRESSION_GAIN = math.inf
+        others["  composed factors only"] = _best(
+            lambda: opextract.to_sparse(model, shape, at=x), repeat=1
+        )
+    finally:
+        _patches.plan, _compose.COMPRESSION_GAIN = plan, gain
+    return others
 
 
 def bench_local(channels: int, model_name: str = "d") -> None:
-    from opextract import _compose, _patches
-
     if model_name == "d":
         model = nonlinear_d(channels)
         title = f"nonlinear D (channels={channels})"
@@ -283,26 +297,9 @@ def bench_local(channels: int, model_name: str = "d") -> None:
 
     # The same matrix by the other paths: with the windowed patches switched
     # off (compressed products where they apply), then with compression off
-    # too (the composed factors alone).
-    plan, gain = _patches.plan, _compose.COMPRESSION_GAIN
-    others = {}
-    try:
-        if model_name == "unet":
-            # A graph: without patches it is composed from the input side,
-            # minutes here; not repeated.
-            raise _Skip
-        _patches.plan = lambda layers: None
-        others["  patches off"] = _best(
-            lambda: opextract.to_sparse(model, shape, at=x), repeat=1
-        )
-        _compose.COMPRESSION_GAIN = math.inf
-        others["  composed factors only"] = _best(
-            lambda: opextract.to_sparse(model, shape, at=x), repeat=1
-        )
-    except _Skip:
-        pass
-    finally:
-        _patches.plan, _compose.COMPRESSION_GAIN = plan, gain
+    # too (the composed factors alone). Not for the U-Net: a graph without
+    # patches is composed from the input side, minutes here.
+    others = {} if model_name == "unet" else _other_paths(model, shape, x)
 
     def f(z):
         return model(z[None])[0]
